@@ -1,0 +1,33 @@
+"""Train the MNIST VAE.
+
+    accelerate launch train.py --config configs/z2.yaml [section.key=value ...]
+
+Everything else (defaults, what each key means) is in vae/config.py and the README.
+"""
+
+import sys
+
+from vae.config import load_config
+from vae.console import OneLineArgumentParser, is_rank_zero
+from vae.errors import HarnessError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineArgumentParser(description="Train a VAE on MNIST (CPU, GPU, DDP) through Accelerate.")
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/z2.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="overrides applied after the YAML, e.g. train.epochs=5 model.z_dim=10")
+    args = parser.parse_args(argv)
+    try:
+        from vae.training import train  # imported here so that `--help` and config errors answer at once
+
+        train(load_config(args.config, args.overrides))
+    except HarnessError as error:
+        if is_rank_zero():
+            print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

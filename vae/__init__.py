@@ -1,0 +1,1 @@
+"""Variational autoencoder on MNIST, trained through Hugging Face Accelerate (CPU, GPU, DDP, Slurm)."""

@@ -1,0 +1,172 @@
+"""Checkpoints: full training states for resuming, and small self-contained model files for evaluation.
+
+Layout of a run directory:
+    checkpoints/epoch_0003/    accelerate's save_state (model, optimizer, scheduler, scaler, RNG of every rank)
+                               + trainer_state.json (epoch, step, best) written last: it marks the state complete
+    last.pt, best.pt           weights + resolved config + epoch + metrics; plain tensors and containers only,
+                               so they load with torch.load(..., weights_only=True) and never run code
+
+Every write is atomic: files are written under a temporary name and renamed; a full state is written into
+`.epoch_0003.partial/` and renamed when complete. A crash mid-save leaves the previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import HarnessError
+
+FORMAT_VERSION = 1
+KIND = "vae-mnist-model"
+STATE_DIR_PATTERN = re.compile(r"^epoch_(\d{4,})$")
+TRAINER_STATE = "trainer_state.json"
+
+
+class CheckpointError(HarnessError):
+    """A checkpoint is missing, unreadable, or not one of ours; the message says which and what to do."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call write(file) on a temporary file next to `path`, fsync it, then rename it over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model files (last.pt / best.pt)
+
+
+def save_model_file(path: Path, model: torch.nn.Module, config: dict, epoch: int, metrics: dict) -> None:
+    payload = {
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        "model": {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()},
+        "config": config,
+        "epoch": int(epoch),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+    }
+    atomic_write_bytes(path, lambda f: torch.save(payload, f))
+
+
+def load_model_file(path: str | Path) -> dict[str, Any]:
+    """Load last.pt/best.pt safely (weights_only=True) and check it is a model file this harness can read."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass a .pt file or a run directory")
+    if path.is_dir():
+        raise CheckpointError(f"'{path}' is a directory; pass a .pt file inside it (e.g. {path}/last.pt)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling refused"
+        raise CheckpointError(f"'{path}' was refused by the safe loader (weights_only=True): {first}. "
+                              f"It is not a plain checkpoint of this harness; it was not executed") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated or corrupt? {first}); "
+                              f"use another checkpoint, e.g. best.pt or last.pt of the run") from None
+    if not isinstance(payload, dict) or payload.get("kind") != KIND:
+        raise CheckpointError(f"'{path}' is not a model file of this harness (expected last.pt/best.pt written "
+                              f"by train.py)")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"'{path}' has checkpoint format version {version!r}; this harness reads version "
+                              f"{FORMAT_VERSION}. Re-train, or use the harness version that wrote it")
+    return payload
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Full training states (checkpoints/epoch_NNNN/)
+
+
+def state_dir(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}"
+
+
+def partial_state_dir(run_dir: Path, epoch: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f".epoch_{epoch:04d}.partial"
+
+
+def read_trainer_state(directory: Path) -> dict | None:
+    """The trainer state of a complete full checkpoint, or None when it is incomplete or unreadable."""
+    try:
+        state = json.loads((Path(directory) / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+        return None
+    return state
+
+
+def complete_states(run_dir: Path) -> list[tuple[int, Path]]:
+    """(epoch, directory) of the complete full states in run_dir, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = STATE_DIR_PATTERN.match(child.name)
+            if match and child.is_dir() and read_trainer_state(child) is not None:
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def commit_state(run_dir: Path, epoch: int, trainer_state: dict) -> Path:
+    """Main process, after every rank has written into the partial directory: mark it complete, rename it."""
+    partial = partial_state_dir(run_dir, epoch)
+    atomic_write_text(partial / TRAINER_STATE, json.dumps(trainer_state, indent=1))
+    final = state_dir(run_dir, epoch)
+    if final.exists():  # an older save of the same epoch (e.g. after a resume that re-ran it)
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def prune_states(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete states, and leftovers of interrupted saves."""
+    removed = []
+    states = complete_states(run_dir)
+    for _, directory in states[:-keep] if keep > 0 else states:
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(".epoch_") and child.name.endswith(".partial"):
+                shutil.rmtree(child, ignore_errors=True)
+    return removed

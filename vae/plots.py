@@ -1,0 +1,96 @@
+"""The tutorial's figures as matplotlib Figures. Pure drawing: callers decide where (and whether) to save them.
+
+Uses matplotlib's object API (no pyplot), so nothing depends on a display or a global backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torchvision.utils import make_grid
+
+DIGIT_COLORS = "tab10"
+
+
+def _grid_image(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """[N, 784] in [0, 1] -> [H, W] image of a grid of 28x28 digits."""
+    tiles = images.detach().float().cpu().clamp(0, 1).reshape(-1, 1, 28, 28)
+    return make_grid(tiles, nrow=nrow, padding=2, pad_value=1.0)[0]
+
+
+def loss_curve(history: list[dict]) -> Figure:
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(epochs, [row["train/loss"] for row in history], marker="o", label="train (mean over the epoch)")
+    ax.plot(epochs, [row["val/loss"] for row in history], marker="o", label="test (end of epoch)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("-ELBO (nats per image)")
+    ax.set_title("Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def reconstructions(originals: torch.Tensor, reconstructed: torch.Tensor) -> Figure:
+    """Top row originals, bottom row their reconstructions (as in the tutorial)."""
+    n = len(originals)
+    fig = Figure(figsize=(1.0 * n, 2.4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(_grid_image(torch.cat([originals, reconstructed]), nrow=n), cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([14, 44], labels=["original", "reconstruction"])
+    ax.set_title("Test digits and their reconstructions (decoded posterior mean)")
+    return fig
+
+
+def samples(images: torch.Tensor, title: str = "Samples: decoder(z), z ~ N(0, I)") -> Figure:
+    nrow = int(len(images) ** 0.5)
+    fig = Figure(figsize=(6, 6.3), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(_grid_image(images, nrow=nrow), cmap="gray", vmin=0, vmax=1)
+    ax.set_axis_off()
+    ax.set_title(title)
+    return fig
+
+
+def project_2d(latents: torch.Tensor) -> tuple[torch.Tensor, str, str]:
+    """The latents themselves when z=2, else their first two principal components; returns axis labels too."""
+    latents = latents.detach().float().cpu()
+    if latents.shape[1] == 2:
+        return latents, "z[0]", "z[1]"
+    if latents.shape[1] == 1:
+        return torch.cat([latents, torch.zeros_like(latents)], 1), "z[0]", "(z has one dimension)"
+    centered = latents - latents.mean(0, keepdim=True)
+    _, singular, vh = torch.linalg.svd(centered, full_matrices=False)
+    explained = singular.pow(2) / singular.pow(2).sum()
+    projected = centered @ vh[:2].T
+    return projected, f"PC 1 ({explained[0]:.0%} of variance)", f"PC 2 ({explained[1]:.0%} of variance)"
+
+
+def latent_scatter(latents: torch.Tensor, labels: torch.Tensor) -> Figure:
+    points, xlabel, ylabel = project_2d(latents)
+    z_dim = latents.shape[1]
+    fig = Figure(figsize=(7, 6), layout="constrained")
+    ax = fig.add_subplot()
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu(), cmap=DIGIT_COLORS, s=2, alpha=0.7,
+                         vmin=-0.5, vmax=9.5, rasterized=True)
+    colorbar = fig.colorbar(scatter, ax=ax, ticks=range(10))
+    colorbar.set_label("digit")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    how = "latent means" if z_dim <= 2 else f"latent means, 2-D PCA projection of z={z_dim}"
+    ax.set_title(f"Test set in latent space ({how})")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def save(fig: Figure, path: Path, dpi: int = 100) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,445 @@
+"""The training loop, top to bottom: launch checks, data, model, resume, then per epoch train -> test -> checkpoint,
+then figures. Every process runs this code; only the main process prints and writes files.
+
+Accelerate wraps the model, optimizer, scheduler and both DataLoaders, so the same code runs on a CPU, one GPU,
+several GPUs or nodes (DDP/NCCL) and several CPU processes (DDP/gloo). `train.batch_size` is the GLOBAL batch:
+Accelerate is told to split each batch across the processes (`split_batches=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import accelerate
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+
+from . import checkpoint, plots
+from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_yaml
+from .console import RunConsole
+from .data import MNISTTensors, ensure_mnist, load_mnist, make_loader, to_unit_float
+from .errors import HarnessError
+from .model import VAE, negative_elbo_terms
+
+FIGURE_DIGITS = 8  # test digits shown in the reconstruction figure
+FIGURE_SAMPLES = 64  # decoder samples in the samples figure
+FIGURE_SEED = 1234  # fixed z for the samples figure, so figures of different epochs/runs are comparable
+
+
+class TrainingError(HarnessError):
+    """Training cannot go on (wrong launch, non-finite loss, incompatible run directory)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    return Accelerator(
+        cpu=cfg.train.cpu,
+        mixed_precision=cfg.train.mixed_precision,  # None: the launcher's --mixed_precision / config file
+        dataloader_config=DataLoaderConfiguration(
+            split_batches=True,  # train.batch_size is global: each of N processes takes batch_size / N
+            use_seedable_sampler=True,  # epoch e's shuffle depends only on (seed, e): exact resume
+            data_seed=cfg.train.seed,
+        ),
+        step_scheduler_with_optimizer=True,
+    )
+
+
+def _launcher_process_count() -> int:
+    """How many processes the user asked the launcher for, as far as this process can tell."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        return world
+    # `accelerate launch --cpu --num_processes 2` starts one process and sets nothing that says 2; the
+    # launcher's own command line (our parent process) still does.
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return 1
+    args = [a.decode(errors="replace") for a in argv]
+    if "launch" not in args:
+        return 1
+    for i, arg in enumerate(args):
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag and i + 1 < len(args) and args[i + 1].isdigit():
+                return int(args[i + 1])
+            if arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+                return int(value) if value.isdigit() else 1
+    return 1
+
+
+def check_launch(cfg: Config, accelerator: Accelerator, console: RunConsole) -> None:
+    requested = _launcher_process_count()
+    if requested > 1 and accelerator.num_processes == 1:
+        if torch.cuda.is_available() and not cfg.train.cpu:
+            fix = "launch with --multi_gpu and one GPU per process"
+        else:
+            fix = ("on CPU use: accelerate launch --multi_gpu --num_processes N train.py ... train.cpu=true "
+                   "(the --cpu launcher flag starts a single process)")
+        raise TrainingError(f"launched as {requested} processes but Accelerate sees only one, so each would train "
+                            f"alone; {fix}")
+    n = accelerator.num_processes
+    if cfg.train.batch_size % n:
+        raise ConfigError(f"train.batch_size: must be divisible by the number of processes ({n}) "
+                          f"(got {cfg.train.batch_size}); it is the global batch, split across processes")
+    if cfg.data.eval_batch_size % n:
+        raise ConfigError(f"data.eval_batch_size: must be divisible by the number of processes ({n}) "
+                          f"(got {cfg.data.eval_batch_size})")
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        console.warn("fp16 mixed precision does nothing on CPU (Accelerate ignores it): training in fp32. "
+                     "Use bf16 for mixed precision on CPU, or fp16 on a GPU.")
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def environment_info(accelerator: Accelerator) -> dict:
+    import torchvision
+
+    return {
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
+        "host": platform.node(),
+        "device": str(accelerator.device),
+        "device_name": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else
+        platform.processor() or platform.machine(),
+        "distributed_type": str(accelerator.distributed_type),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run directory and resume
+
+
+def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a crash
+            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= up_to_epoch:
+                rows.append(row)
+    # keep one row per epoch (the last written), in epoch order
+    return sorted({row["epoch"]: row for row in rows}.values(), key=lambda r: r["epoch"])
+
+
+def _check_same_model(run_dir: Path, cfg: Config) -> None:
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    import yaml
+
+    try:
+        saved = config_from_dict(yaml.safe_load(saved_path.read_text()))
+    except (HarnessError, yaml.YAMLError):
+        return  # unreadable: the checkpoint load below will say whether the state still fits
+    if saved.model != cfg.model:
+        raise TrainingError(f"{run_dir} holds a run with a different model ({saved.model}); to train this one "
+                            f"pass a new run.dir=..., or train.resume=false to move the old run aside")
+
+
+def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) -> tuple[Path | None, Path]:
+    """Returns (full state to resume from or None, run_dir). Moves an old run aside when resume=false."""
+    run_dir = cfg.run_dir
+    states = checkpoint.complete_states(run_dir)
+    if states and cfg.train.resume:
+        _check_same_model(run_dir, cfg)
+        return states[-1][1], run_dir
+    if accelerator.is_main_process and run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.train.resume:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            moved = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+            run_dir.rename(moved)
+            console.info(f"train.resume=false: moved the previous run to {moved}")
+    accelerator.wait_for_everyone()
+    return None, run_dir
+
+
+def _writable_or_fail(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"run directory {run_dir} is not writable ({e.strerror}); pass run.dir=<a writable "
+                            f"path> or free some space") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One epoch of training, one pass over the test set
+
+
+def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerator, bar, *, epoch: int,
+                    step: int, check_every: int) -> dict:
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    seen = 0
+    for images, _ in loader:
+        x = to_unit_float(images)
+        logits, mu, logvar = model(x)
+        recon, kl = negative_elbo_terms(logits, x, mu, logvar)
+        loss = (recon + kl).mean()  # nats per image; DDP averages it over processes = mean over the global batch
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        loss_sum += loss.detach() * len(x)
+        seen += len(x)
+        bar.advance()
+        if step % check_every == 0:
+            # Reduced over processes so that every rank reaches the same verdict and none waits alone.
+            current = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            _stop_if_not_finite(current, epoch, step)
+            bar.show_loss(current)
+    totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64,
+                                                                     device=loss_sum.device)]), reduction="sum")
+    per_rank = accelerator.gather(torch.tensor([seen], device=accelerator.device)).tolist()
+    mean_loss = (totals[0] / totals[1]).item()
+    _stop_if_not_finite(mean_loss, epoch, step)
+    return {"train/loss": mean_loss, "samples": int(totals[1].item()), "samples_per_rank": per_rank, "step": step}
+
+
+def _stop_if_not_finite(value: float, epoch: int, step: int) -> None:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise TrainingError(f"training loss became {value} at epoch {epoch}, step {step}; the last good checkpoint "
+                            f"is kept. Lower train.lr (or check the data) and re-run to resume from it")
+
+
+@torch.no_grad()
+def evaluate_test_set(model, loader, accelerator: Accelerator) -> dict:
+    """-ELBO, reconstruction and KL over exactly the whole test set, whatever the number of processes
+    (gather_for_metrics drops the samples Accelerate repeats to even out the last batch)."""
+    model.eval()
+    recon_parts, kl_parts, mu_parts, label_parts = [], [], [], []
+    for images, labels in loader:
+        x = to_unit_float(images)
+        logits, mu, logvar = model(x)
+        recon, kl = negative_elbo_terms(logits, x, mu, logvar)
+        recon, kl, mu, labels = accelerator.gather_for_metrics((recon, kl, mu.float(), labels))
+        recon_parts.append(recon)
+        kl_parts.append(kl)
+        mu_parts.append(mu)
+        label_parts.append(labels)
+    recon, kl = torch.cat(recon_parts), torch.cat(kl_parts)
+    return {
+        "val/loss": (recon + kl).mean().item(),
+        "val/recon": recon.mean().item(),
+        "val/kl": kl.mean().item(),
+        "n_images": len(recon),
+        "latent_means": torch.cat(mu_parts),
+        "labels": torch.cat(label_parts),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints and figures
+
+
+def save_full_state(accelerator: Accelerator, run_dir: Path, epoch: int, trainer_state: dict, keep: int) -> None:
+    partial = checkpoint.partial_state_dir(run_dir, epoch)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))  # every rank writes its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint.commit_state(run_dir, epoch, trainer_state)
+        checkpoint.prune_states(run_dir, keep)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def write_figures(model: VAE, history: list[dict], test_images: torch.Tensor, evaluation: dict, out_dir: Path,
+                  device: torch.device) -> list[Path]:
+    model.eval()
+    originals = to_unit_float(test_images[:FIGURE_DIGITS].to(device))
+    mu, _ = model.encoder(originals)
+    reconstructed = torch.sigmoid(model.decoder(mu))
+    generator = torch.Generator().manual_seed(FIGURE_SEED)
+    z = torch.randn(FIGURE_SAMPLES, model.z_dim, generator=generator).to(device)
+    sampled = torch.sigmoid(model.decoder(z))
+    figures = {
+        "loss.png": plots.loss_curve(history),
+        "reconstructions.png": plots.reconstructions(originals, reconstructed),
+        "samples.png": plots.samples(sampled),
+        "latent.png": plots.latent_scatter(evaluation["latent_means"], evaluation["labels"]),
+    }
+    return [plots.save(fig, out_dir / name) for name, fig in figures.items()]
+
+
+def _param_checksum(model: torch.nn.Module) -> float:
+    return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole run
+
+
+def train(cfg: Config) -> dict:
+    """Train (or resume) the run described by `cfg`; returns the final metrics."""
+    started = time.perf_counter()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    accelerator = make_accelerator(cfg)
+    console = RunConsole(accelerator.is_main_process)
+    check_launch(cfg, accelerator, console)
+    main = accelerator.is_main_process
+
+    # Data: the node's first process fetches and verifies; the others then only verify.
+    with accelerator.local_main_process_first():
+        ensure_mnist(cfg.data.root, download=cfg.data.download, say=console.info)
+    train_images, train_labels = load_mnist(cfg.data.root, train=True)
+    test_images, test_labels = load_mnist(cfg.data.root, train=False)
+    if cfg.data.train_subset:
+        train_images, train_labels = train_images[: cfg.data.train_subset], train_labels[: cfg.data.train_subset]
+    on_device = cfg.data.on_device if cfg.data.on_device is not None else accelerator.device.type == "cuda"
+    data_device = accelerator.device if on_device else torch.device("cpu")
+    train_set = MNISTTensors(train_images.to(data_device), train_labels.to(data_device))
+    test_set = MNISTTensors(test_images.to(data_device), test_labels.to(data_device))
+    train_loader = make_loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+    test_loader = make_loader(test_set, cfg.data.eval_batch_size, shuffle=False, seed=cfg.train.seed)
+
+    # Model and optimisation. Seeded identically on every rank, then each rank gets its own noise stream.
+    set_seed(cfg.train.seed)
+    model = VAE.from_config(cfg.model)
+    fused = accelerator.device.type in ("cuda", "cpu")
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=fused)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    raw_model = model
+    if cfg.train.compile:
+        model = torch.compile(model)
+    model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, test_loader, scheduler)
+    set_seed(cfg.train.seed, device_specific=True)
+
+    # Run directory: resume from the newest complete state, or start fresh.
+    resume_from, run_dir = prepare_run_dir(cfg, accelerator, console)
+    if main:
+        _writable_or_fail(run_dir)
+    accelerator.wait_for_everyone()
+    start_epoch, step, best = 1, 0, {"val/loss": float("inf"), "epoch": None}
+    if resume_from is not None:
+        try:
+            accelerator.load_state(str(resume_from))
+        except Exception as e:  # a state of another shape or a damaged file: say which and how to get out
+            raise TrainingError(f"cannot resume from {resume_from} ({type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); pass a new "
+                                f"run.dir=... or train.resume=false") from None
+        state = checkpoint.read_trainer_state(resume_from)
+        start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
+        console.info(f"resuming {run_dir} from epoch {state['epoch']} ({resume_from.name})")
+    history = _read_metrics(run_dir / "metrics.jsonl", up_to_epoch=start_epoch - 1)
+    config_dict = config_to_dict(cfg)
+    if main:
+        checkpoint.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        checkpoint.atomic_write_text(run_dir / "environment.json", json.dumps(environment_info(accelerator),
+                                                                               indent=1))
+        # Epochs after the resumed state were lost with the crash; they are about to be trained again.
+        checkpoint.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        console.info(f"run directory {run_dir} | {accelerator.num_processes} process(es) on {accelerator.device} "
+                     f"({accelerator.distributed_type}) | mixed precision {accelerator.mixed_precision} | "
+                     f"global batch {cfg.train.batch_size} | {len(train_set)} train / {len(test_set)} test images")
+
+    evaluation = None
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        epoch_started = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        with console.epoch_progress(epoch, cfg.train.epochs, steps_per_epoch) as bar:
+            trained = train_one_epoch(model, optimizer, scheduler, train_loader, accelerator, bar, epoch=epoch,
+                                      step=step, check_every=cfg.log.every_steps)
+        train_time = time.perf_counter() - epoch_started
+        step = trained["step"]
+        evaluation = evaluate_test_set(model, test_loader, accelerator)
+        row = {
+            "epoch": epoch,
+            "step": step,
+            "train/loss": trained["train/loss"],
+            "val/loss": evaluation["val/loss"],
+            "val/recon": evaluation["val/recon"],
+            "val/kl": evaluation["val/kl"],
+            "samples_per_s": trained["samples"] / train_time,
+            "epoch_time_s": time.perf_counter() - epoch_started,
+            "lr": scheduler.get_last_lr()[0],
+            "samples_per_rank": trained["samples_per_rank"],
+            "val/n_images": evaluation["n_images"],
+        }
+        history.append(row)
+        improved = row["val/loss"] < best["val/loss"]
+        if improved:
+            best = {"val/loss": row["val/loss"], "epoch": epoch}
+        if main:
+            with (run_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            console.epoch_line(row)
+            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+            checkpoint.save_model_file(run_dir / "last.pt", raw_model, config_dict, epoch, metrics)
+            if improved:
+                checkpoint.save_model_file(run_dir / "best.pt", raw_model, config_dict, epoch, metrics)
+        if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
+            save_full_state(accelerator, run_dir, epoch, {"epoch": epoch, "step": step, "best": best},
+                            cfg.train.keep_checkpoints)
+
+    if evaluation is None:  # nothing left to train: the run had already reached train.epochs
+        console.info(f"{run_dir} already finished {cfg.train.epochs} epochs; raise train.epochs to train further")
+        evaluation = evaluate_test_set(model, test_loader, accelerator)
+
+    checksums = accelerator.gather(torch.tensor([_param_checksum(raw_model)], dtype=torch.float64,
+                                                device=accelerator.device)).tolist()
+    final = {
+        "epoch": history[-1]["epoch"] if history else cfg.train.epochs,
+        "train/loss": history[-1]["train/loss"] if history else float("nan"),
+        "val/loss": evaluation["val/loss"],
+        "val/recon": evaluation["val/recon"],
+        "val/kl": evaluation["val/kl"],
+        "best/val_loss": best["val/loss"],
+        "best/epoch": best["epoch"],
+        "wall_time_s": time.perf_counter() - started,
+        "num_processes": accelerator.num_processes,
+        "param_checksum_per_rank": checksums,
+        "run_dir": str(run_dir),
+    }
+    if main:
+        if cfg.log.figures:
+            write_figures(raw_model, history, test_images, evaluation, run_dir, accelerator.device)
+        checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(final, indent=1))
+        console.summary_table(f"{run_dir}: done", {k: v for k, v in final.items()
+                                                   if k not in ("param_checksum_per_rank", "run_dir")})
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
