@@ -207,18 +207,21 @@ def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerato
         x = to_unit_float(images)
         logits, mu, logvar = model(x)
         recon, kl = negative_elbo_terms(logits, x, mu, logvar)
-        loss = (recon + kl).mean()  # nats per image; DDP averages it over processes = mean over the global batch
+        # The tutorial's objective: -ELBO summed over the (global) batch. DDP averages gradients over the N
+        # processes, so each rank scales its share by N. (Sum, not mean, matters with Adam: its eps is not
+        # scale-free, and the mean costs ~2 nats at z=2 after 20 epochs.)
+        loss = (recon + kl).sum() * accelerator.num_processes
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
         step += 1
-        loss_sum += loss.detach() * len(x)
+        loss_sum += (recon + kl).detach().sum()
         seen += len(x)
         bar.advance()
         if step % check_every == 0:
             # Reduced over processes so that every rank reaches the same verdict and none waits alone.
-            current = accelerator.reduce(loss.detach().float(), reduction="mean").item()
+            current = accelerator.reduce((recon + kl).detach().mean(), reduction="mean").item()
             _stop_if_not_finite(current, epoch, step)
             bar.show_loss(current)
     totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64,

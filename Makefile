@@ -1,0 +1,36 @@
+# Two commands set everything up on a fresh machine:
+#   make train   venv + install + MNIST + the z2 run (configs/z2.yaml)
+#   make test    venv + install + MNIST + the whole test suite
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+CONFIG  ?= configs/z2.yaml
+DATA    ?= data
+
+.PHONY: venv data train test test-fast bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+data: venv
+	$(PY) -c "from vae.data import ensure_mnist; ensure_mnist('$(DATA)')"
+
+train: venv data
+	$(VENV)/bin/accelerate launch train.py --config $(CONFIG)
+
+test: venv data
+	$(PY) -m pytest
+
+test-fast: venv data
+	$(PY) -m pytest -m "not slow"
+
+bench: venv data
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

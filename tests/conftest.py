@@ -1,0 +1,59 @@
+"""Shared fixtures: the real MNIST files, and running the real entry points as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+DATA_ROOT = Path(os.environ.get("VAE_TEST_DATA", REPO / "data"))
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """The repository's data/ folder with verified MNIST (fetched once if missing, as `make data` does)."""
+    from vae.data import ensure_mnist
+
+    ensure_mnist(DATA_ROOT, download=True)
+    return DATA_ROOT
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    env.update({"PYTHONUNBUFFERED": "1", "TERM": "dumb"})
+    env.update(extra or {})
+    return env
+
+
+def run_cmd(args: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env(env),
+                          stdin=subprocess.DEVNULL)
+
+
+def python(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run_cmd([sys.executable, *args], **kw)
+
+
+def accelerate_launch(*args: str, **kw) -> subprocess.CompletedProcess:
+    return run_cmd([str(VENV_BIN / "accelerate"), "launch", *args], **kw)
+
+
+def train_cmd(run_dir: Path, mnist_root: Path, *overrides: str, config: str = "configs/debug.yaml") -> list[str]:
+    return ["train.py", "--config", config, f"run.dir={run_dir}", f"data.root={mnist_root}", *overrides]
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\n" \
+                                   f"stderr:\n{result.stderr[-3000:]}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -1,0 +1,106 @@
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from vae.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_override
+
+from .conftest import REPO, python
+
+
+def test_defaults_are_the_tutorial():
+    cfg = Config()
+    assert (cfg.model.z_dim, cfg.model.hidden) == (2, (400,))
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.train.lr) == (50, 20, 1e-3)
+
+
+def test_z2_yaml_is_the_tutorial_and_names_the_run():
+    cfg = load_config(REPO / "configs/z2.yaml")
+    assert (cfg.model.z_dim, cfg.model.hidden, cfg.train.batch_size, cfg.train.epochs, cfg.train.lr) == \
+        (2, (400,), 50, 20, 1e-3)
+    assert cfg.run.name == "z2" and str(cfg.run_dir) == "runs/z2"
+
+
+def test_every_shipped_config_loads_and_says_how_to_run_it():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_config(path)
+        assert path.read_text().startswith("#"), f"{path} must start with a comment saying how to run it"
+        assert "Run:" in path.read_text().split("\n\n")[0]
+
+
+def test_precedence_cli_beats_yaml_beats_defaults():
+    cfg = load_config(REPO / "configs/debug.yaml", ["train.epochs=5", "model.z_dim=10", "model.hidden=[64, 32]"])
+    assert cfg.train.epochs == 5 and cfg.model.z_dim == 10 and cfg.model.hidden == (64, 32)
+    assert cfg.data.train_subset == 2000  # from the YAML
+    assert cfg.train.lr == 1e-3  # default
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().train.epochs = 3
+
+
+def test_float_written_without_dot_is_a_number():
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown key 'train.lrr'"),
+    ("trian.lr=1", "unknown key 'trian'"),
+    ("train.lr=0", "train.lr: must be > 0"),
+    ("train.lr=-1", "train.lr: must be > 0"),
+    ("train.lr=fast", "train.lr: must be a number"),
+    ("model.z_dim=0", "model.z_dim: must be >= 1"),
+    ("model.z_dim=2.5", "model.z_dim: must be an integer"),
+    ("train.epochs=0", "train.epochs: must be >= 1"),
+    ("train.cpu=1", "train.cpu: must be true or false"),
+    ("train.lr_schedule=linear", "train.lr_schedule: must be one of 'constant', 'cosine'"),
+    ("model.hidden=[]", "model.hidden: must be a non-empty list"),
+    ("model.hidden=abc", "model.hidden: must be a list of integers"),
+    ("train=3", "train: must be a mapping"),
+    ("train.epochs.x=3", "'train.epochs' is a value, not a section"),
+    ("epochs", "expected key=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO / "configs/debug.yaml", [override])
+    text = str(error.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_yaml_problems_are_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_round_trip_through_a_plain_dict():
+    cfg = load_config(REPO / "configs/z20.yaml")
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("model.hidden=[1, 2]") == ("model.hidden", [1, 2])
+    assert parse_override("train.mixed_precision=null") == ("train.mixed_precision", None)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--config", "configs/debug.yaml", "train.lr=-1"], "error: train.lr: must be > 0 (got -1.0)"),
+    (["--config", "configs/missing.yaml"], "error: config file 'configs/missing.yaml' not found"),
+    (["--config", "configs/debug.yaml", "--bogus"], "error: unrecognized arguments: --bogus"),
+    ([], "error: the following arguments are required: --config"),
+])
+def test_train_cli_errors_are_one_line_without_traceback(argv, expected):
+    result = python("train.py", *argv)
+    assert result.returncode != 0
+    assert result.stderr.startswith(expected), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr + result.stdout

