@@ -17,7 +17,7 @@ import os
 import pickle
 import re
 import shutil
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +91,15 @@ def load_model_file(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise CheckpointError(f"'{path}' is a directory; pass a .pt file inside it (e.g. {path}/last.pt)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files; the error says it
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling refused"
-        raise CheckpointError(f"'{path}' was refused by the safe loader (weights_only=True): {first}. "
-                              f"It is not a plain checkpoint of this harness; it was not executed") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
+        raise CheckpointError(f"'{path}' was refused by the safe loader (weights_only=True): it holds objects other "
+                              f"than tensors and plain containers{f' ({detail})' if detail else ''} and was not "
+                              f"executed; use a last.pt/best.pt written by train.py") from None
+    except Exception as e:  # torch.load raises many types on garbage (KeyError, EOFError, RuntimeError, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated or corrupt? {first}); "
                               f"use another checkpoint, e.g. best.pt or last.pt of the run") from None

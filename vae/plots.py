@@ -94,3 +94,33 @@ def save(fig: Figure, path: Path, dpi: int = 100) -> Path:
     fig.savefig(tmp, dpi=dpi)
     tmp.replace(path)
     return path
+
+
+def manifold(images: torch.Tensor, quantiles: torch.Tensor) -> Figure:
+    """Decoder outputs over a grid of standard-normal quantiles (z=2), as in Kingma & Welling's Figure 4.
+    images: [n*n, 784] in row-major order of (z[1] from high to low, z[0] from low to high)."""
+    n = len(quantiles)
+    fig = Figure(figsize=(8, 8.4), layout="constrained")
+    ax = fig.add_subplot()
+    grid = _grid_image(images, nrow=n)
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+    centers = [2 + 30 * i + 14 for i in range(n)]
+    step = max(1, n // 5)
+    ax.set_xticks(centers[::step], labels=[f"{q:.2f}" for q in quantiles[::step].tolist()])
+    ax.set_yticks(centers[::step], labels=[f"{q:.2f}" for q in quantiles.flip(0)[::step].tolist()])
+    ax.set_xlabel("z[0]")
+    ax.set_ylabel("z[1]")
+    ax.set_title("Learned manifold: decoder over standard-normal quantiles of z")
+    return fig
+
+
+def interpolations(images: torch.Tensor, pairs: int) -> Figure:
+    """images: [pairs * steps, 784], one row per pair, decoded along a straight line between two latent means."""
+    steps = len(images) // pairs
+    fig = Figure(figsize=(0.8 * steps, 0.8 * pairs + 0.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(_grid_image(images, nrow=steps), cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([14, 2 + 30 * (steps - 1) + 14], labels=["test digit A", "test digit B"])
+    ax.set_yticks([])
+    ax.set_title("Latent interpolation: decoder((1 - t) mu_A + t mu_B), t from 0 to 1")
+    return fig

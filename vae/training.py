@@ -27,12 +27,9 @@ from . import checkpoint, plots
 from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_yaml
 from .console import RunConsole
 from .data import MNISTTensors, ensure_mnist, load_mnist, make_loader, to_unit_float
+from .evaluation import model_figures
 from .errors import HarnessError
 from .model import VAE, negative_elbo_terms
-
-FIGURE_DIGITS = 8  # test digits shown in the reconstruction figure
-FIGURE_SAMPLES = 64  # decoder samples in the samples figure
-FIGURE_SEED = 1234  # fixed z for the samples figure, so figures of different epochs/runs are comparable
 
 
 class TrainingError(HarnessError):
@@ -282,22 +279,10 @@ def save_full_state(accelerator: Accelerator, run_dir: Path, epoch: int, trainer
     accelerator.wait_for_everyone()
 
 
-@torch.no_grad()
 def write_figures(model: VAE, history: list[dict], test_images: torch.Tensor, evaluation: dict, out_dir: Path,
                   device: torch.device) -> list[Path]:
-    model.eval()
-    originals = to_unit_float(test_images[:FIGURE_DIGITS].to(device))
-    mu, _ = model.encoder(originals)
-    reconstructed = torch.sigmoid(model.decoder(mu))
-    generator = torch.Generator().manual_seed(FIGURE_SEED)
-    z = torch.randn(FIGURE_SAMPLES, model.z_dim, generator=generator).to(device)
-    sampled = torch.sigmoid(model.decoder(z))
-    figures = {
-        "loss.png": plots.loss_curve(history),
-        "reconstructions.png": plots.reconstructions(originals, reconstructed),
-        "samples.png": plots.samples(sampled),
-        "latent.png": plots.latent_scatter(evaluation["latent_means"], evaluation["labels"]),
-    }
+    figures = {"loss.png": plots.loss_curve(history),
+               **model_figures(model, test_images, evaluation["latent_means"], evaluation["labels"], device)}
     return [plots.save(fig, out_dir / name) for name, fig in figures.items()]
 
 

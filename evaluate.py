@@ -1,0 +1,40 @@
+"""Evaluate a trained VAE checkpoint on the full MNIST test set.
+
+    python evaluate.py --ckpt runs/z2/last.pt
+    python evaluate.py --ckpt runs/z2                  # a run directory: its best.pt, else last.pt
+    accelerate launch --multi_gpu --num_processes 4 evaluate.py --ckpt runs/z20/best.pt --iwae-k 5000
+"""
+
+import sys
+
+from vae.console import OneLineArgumentParser, is_rank_zero
+from vae.errors import HarnessError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineArgumentParser(description="Metrics and figures of a VAE checkpoint on the MNIST test set.")
+    parser.add_argument("--ckpt", required=True, help="a .pt file (last.pt/best.pt) or a run directory")
+    parser.add_argument("--iwae-k", type=int, default=100, help="importance samples per image for the IWAE bound")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-image noise")
+    parser.add_argument("--out", default=None, help="metrics JSON (default: <run dir>/eval/metrics.json)")
+    parser.add_argument("--out-dir", default=None, help="figures folder (default: <run dir>/eval/)")
+    parser.add_argument("--batch-size", type=int, default=500, help="test images per batch, all processes")
+    parser.add_argument("--data-root", default=None, help="MNIST root (default: the checkpoint's data.root)")
+    parser.add_argument("--cpu", action="store_true", help="use the CPU even when a GPU is present")
+    parser.add_argument("--no-figures", action="store_true", help="metrics only")
+    args = parser.parse_args(argv)
+    try:
+        from vae.evaluation import evaluate  # imported here so that --help and usage errors answer at once
+
+        evaluate(args.ckpt, iwae_k=args.iwae_k, seed=args.seed, out=args.out, out_dir=args.out_dir,
+                 batch_size=args.batch_size, cpu=args.cpu, data_root=args.data_root,
+                 figures=not args.no_figures)
+    except HarnessError as error:
+        if is_rank_zero():
+            print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""evaluate.py on a real (briefly) trained checkpoint: metrics, their bound properties, process-count
+independence, figures, and every bad input as a one-line error."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from vae.checkpoint import load_model_file
+
+from .conftest import accelerate_launch, assert_ok, python, train_cmd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, mnist_root):
+    run_dir = tmp_path_factory.mktemp("evaluate") / "run"
+    assert_ok(python(*train_cmd(run_dir, mnist_root, "log.figures=false")))
+    return run_dir
+
+
+def _evaluate(*args, launcher=None):
+    result = (accelerate_launch(*launcher, "evaluate.py", *args) if launcher else python("evaluate.py", *args))
+    return result
+
+
+def test_metrics_figures_and_bound(trained_run, tmp_path):
+    out = tmp_path / "m.json"
+    result = _evaluate("--ckpt", str(trained_run), "--iwae-k", "50", "--out", str(out), "--out-dir",
+                       str(tmp_path / "figs"))
+    assert_ok(result)
+    m = json.loads(out.read_text())
+    assert m["n_images"] == 10000 and m["iwae_k"] == 50 and m["checkpoint_epoch"] == 1
+    assert m["checkpoint"].endswith("best.pt")
+    assert m["nelbo"] == pytest.approx(m["recon"] + m["kl"], rel=1e-6)
+    assert sum(m["kl_per_dim"]) == pytest.approx(m["kl"], rel=1e-5)
+    assert len(m["kl_per_dim"]) == 2 and 0 <= m["active_units"] <= 2
+    assert m["iwae_nll"] < m["nelbo"]
+    for name in ("reconstructions.png", "samples.png", "latent.png", "manifold.png", "interpolation.png"):
+        assert (tmp_path / "figs" / name).stat().st_size > 10_000, name
+    assert "IWAE NLL (k=50)" in result.stdout
+
+
+def test_iwae_tightens_with_k_and_is_seeded(trained_run, tmp_path):
+    values = {}
+    for k in (1, 10, 100):
+        out = tmp_path / f"k{k}.json"
+        assert_ok(_evaluate("--ckpt", str(trained_run / "last.pt"), "--iwae-k", str(k), "--out", str(out),
+                            "--no-figures"))
+        values[k] = json.loads(out.read_text())
+    # k=1 is a single-sample -ELBO with other draws: equal up to Monte-Carlo noise
+    assert values[1]["iwae_nll"] == pytest.approx(values[1]["nelbo"], abs=0.5)
+    assert values[100]["iwae_nll"] < values[10]["iwae_nll"] < values[1]["iwae_nll"]
+    again = tmp_path / "again.json"
+    assert_ok(_evaluate("--ckpt", str(trained_run / "last.pt"), "--iwae-k", "10", "--out", str(again),
+                        "--no-figures"))
+    repeat = json.loads(again.read_text())
+    for key in ("nelbo", "iwae_nll", "recon", "kl"):
+        assert repeat[key] == values[10][key]
+
+
+def test_two_processes_give_the_one_process_numbers(trained_run, tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert_ok(_evaluate("--ckpt", str(trained_run), "--iwae-k", "20", "--out", str(one), "--no-figures"))
+    assert_ok(_evaluate("--ckpt", str(trained_run), "--iwae-k", "20", "--out", str(two), "--no-figures", "--cpu",
+                        launcher=["--multi_gpu", "--num_processes", "2"]))
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b["num_processes"] == 2 and b["n_images"] == 10000
+    for key in ("nelbo", "recon", "kl", "iwae_nll"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6), key
+    assert b["active_units"] == a["active_units"]
+
+
+def _write_evil_checkpoint(path, marker):
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(path, "wb") as f:
+        pickle.dump({"kind": "vae-mnist-model", "payload": Evil()}, f)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_dir", "not_a_checkpoint", "truncated", "old_version",
+                                  "pickle_with_code", "iwae_k_zero", "shape_mismatch"])
+def test_bad_inputs_are_one_line_errors(case, trained_run, tmp_path):
+    marker = tmp_path / "code-ran"
+    args = ["--iwae-k", "2", "--no-figures"]
+    if case == "missing":
+        ckpt = tmp_path / "nope.pt"
+        expected = "does not exist"
+    elif case == "empty_dir":
+        ckpt = tmp_path
+        expected = "no checkpoint in directory"
+    elif case == "not_a_checkpoint":
+        ckpt = tmp_path / "notes.pt"
+        ckpt.write_text("hello")
+        expected = "not a readable checkpoint"
+    elif case == "truncated":
+        ckpt = tmp_path / "cut.pt"
+        ckpt.write_bytes((trained_run / "last.pt").read_bytes()[:5000])
+        expected = "not a readable checkpoint"
+    elif case == "old_version":
+        payload = load_model_file(trained_run / "last.pt")
+        payload["format_version"] = 0
+        ckpt = tmp_path / "old.pt"
+        torch.save(payload, ckpt)
+        expected = "format version 0"
+    elif case == "pickle_with_code":
+        ckpt = tmp_path / "evil.pt"
+        _write_evil_checkpoint(ckpt, marker)
+        expected = "refused by the safe loader"
+    elif case == "iwae_k_zero":
+        ckpt = trained_run
+        args = ["--iwae-k", "0"]
+        expected = "--iwae-k: must be >= 1"
+    else:
+        payload = load_model_file(trained_run / "last.pt")
+        payload["config"]["model"]["z_dim"] = 5
+        ckpt = tmp_path / "mismatch.pt"
+        torch.save(payload, ckpt)
+        expected = "weights do not fit its model config"
+    result = _evaluate("--ckpt", str(ckpt), *args)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ") and expected in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not marker.exists(), "loading a checkpoint ran code from it"

@@ -1,0 +1,170 @@
+"""Evaluate a checkpoint on the full MNIST test set: metrics (vae.metrics) and figures, on any number of processes.
+
+Only the test DataLoader goes through Accelerate (it shards the 10,000 images); the model is not wrapped, as
+nothing is trained. gather_for_metrics drops the images Accelerate repeats to even out the last batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
+from matplotlib.figure import Figure
+
+from . import plots
+from .checkpoint import CheckpointError, atomic_write_text, load_model_file
+from .config import Config, config_from_dict
+from .console import RunConsole
+from .data import MNISTTensors, ensure_mnist, load_mnist, make_loader, to_unit_float
+from .errors import HarnessError
+from .metrics import summarize, score_batch
+from .model import VAE
+
+RECONSTRUCTION_DIGITS = 10
+SAMPLE_GRID = 64
+MANIFOLD_SIZE = 20
+INTERPOLATION_PAIRS, INTERPOLATION_STEPS = 6, 10
+FIGURE_SEED = 1234  # fixed z for the samples figure, so figures of different checkpoints are comparable
+
+
+class IndexedMNIST(MNISTTensors):
+    """Batches carry each image's global index: per-image noise is seeded from it (see vae.metrics)."""
+
+    def __getitems__(self, indices: list[int]):
+        images, labels = super().__getitems__(indices)
+        return images, labels, torch.as_tensor(indices, device=images.device)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A .pt file as is; a run directory -> its best.pt, else its last.pt."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; pass a .pt file or a run directory "
+                              f"(e.g. runs/z2)")
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"no checkpoint in directory '{path}' (expected best.pt or last.pt); train first or "
+                              f"pass a .pt file")
+    return path
+
+
+def load_model(path: Path) -> tuple[VAE, Config, dict]:
+    payload = load_model_file(path)
+    try:
+        cfg = config_from_dict(payload.get("config"))
+    except HarnessError as e:
+        raise CheckpointError(f"'{path}' holds a config this harness cannot read ({e})") from None
+    model = VAE.from_config(cfg.model)
+    try:
+        model.load_state_dict(payload["model"])
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"'{path}': weights do not fit its model config {cfg.model} ({first})") from None
+    return model, cfg, payload
+
+
+@torch.no_grad()
+def model_figures(model: VAE, test_images: torch.Tensor, latents: torch.Tensor, labels: torch.Tensor,
+                  device: torch.device) -> dict[str, Figure]:
+    """The figures of a trained model: reconstructions, samples, latent space (+ manifold for z=2),
+    interpolations."""
+    model.eval()
+    originals = to_unit_float(test_images[:RECONSTRUCTION_DIGITS].to(device))
+    mu, _ = model.encoder(originals)
+    generator = torch.Generator().manual_seed(FIGURE_SEED)
+    z = torch.randn(SAMPLE_GRID, model.z_dim, generator=generator).to(device)
+    figures = {
+        "reconstructions.png": plots.reconstructions(originals, torch.sigmoid(model.decoder(mu))),
+        "samples.png": plots.samples(torch.sigmoid(model.decoder(z))),
+        "latent.png": plots.latent_scatter(latents, labels),
+    }
+    if model.z_dim == 2:
+        quantiles = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, MANIFOLD_SIZE))
+        z1, z0 = torch.meshgrid(quantiles.flip(0), quantiles, indexing="ij")  # rows: z[1] high -> low
+        grid = torch.stack([z0.reshape(-1), z1.reshape(-1)], dim=1).to(device)
+        figures["manifold.png"] = plots.manifold(torch.sigmoid(model.decoder(grid)), quantiles)
+    # Pairs of consecutive test digits with different labels.
+    ends = []
+    for i in range(len(labels) - 1):
+        if labels[i] != labels[i + 1]:
+            ends.append((i, i + 1))
+        if len(ends) == INTERPOLATION_PAIRS:
+            break
+    t = torch.linspace(0, 1, INTERPOLATION_STEPS, device=device)[:, None]
+    lines = [(1 - t) * latents[a].to(device) + t * latents[b].to(device) for a, b in ends]
+    figures["interpolation.png"] = plots.interpolations(torch.sigmoid(model.decoder(torch.cat(lines))), len(ends))
+    return figures
+
+
+def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | Path | None = None,
+             out_dir: str | Path | None = None, batch_size: int = 500, cpu: bool = False,
+             data_root: str | None = None, figures: bool = True) -> dict:
+    """Score a checkpoint on all 10,000 test images; main process writes JSON + figures. Returns the metrics."""
+    if iwae_k < 1:
+        raise HarnessError(f"--iwae-k: must be >= 1 (got {iwae_k})")
+    if batch_size < 1:
+        raise HarnessError(f"--batch-size: must be >= 1 (got {batch_size})")
+    started = time.perf_counter()
+    path = resolve_checkpoint(ckpt)
+    model, cfg, payload = load_model(path)
+    accelerator = Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    console = RunConsole(accelerator.is_main_process)
+    if batch_size % accelerator.num_processes:
+        raise HarnessError(f"--batch-size: must be divisible by the number of processes "
+                           f"({accelerator.num_processes}) (got {batch_size})")
+    root = data_root or cfg.data.root
+    with accelerator.local_main_process_first():
+        ensure_mnist(root, download=cfg.data.download, say=console.info)
+    images, labels = load_mnist(root, train=False)
+    loader = accelerator.prepare(make_loader(IndexedMNIST(images, labels), batch_size, shuffle=False, seed=seed))
+    model.to(accelerator.device).eval()
+
+    parts: dict[str, list[torch.Tensor]] = {}
+    for batch_images, batch_labels, indices in loader:
+        scores = score_batch(model, to_unit_float(batch_images), indices, iwae_k=iwae_k, seed=seed)
+        scores.update(labels=batch_labels, index=indices)
+        for key, value in accelerator.gather_for_metrics(scores).items():
+            parts.setdefault(key, []).append(value.cpu())
+    per_image = {key: torch.cat(values) for key, values in parts.items()}
+    order = per_image["index"].argsort()
+    per_image = {key: value[order] for key, value in per_image.items()}
+    if not torch.equal(per_image["index"], torch.arange(len(images))):
+        raise HarnessError(f"evaluation covered {len(per_image['index'])} images, not each of the {len(images)} "
+                           f"test images once")  # a sharding bug, never the user's input
+
+    metrics = summarize(per_image)
+    results = {
+        **metrics,
+        "iwae_k": iwae_k,
+        "seed": seed,
+        "checkpoint": str(path),
+        "checkpoint_epoch": payload.get("epoch"),
+        "config": {"z_dim": cfg.model.z_dim, "hidden": list(cfg.model.hidden), "run": cfg.run.name},
+        "device": str(accelerator.device),
+        "num_processes": accelerator.num_processes,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    if accelerator.is_main_process:
+        out_dir = Path(out_dir) if out_dir else path.parent / "eval"
+        out = Path(out) if out else out_dir / "metrics.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(results, indent=1))
+        if figures:
+            for name, fig in model_figures(model, images, per_image["mu"], per_image["labels"],
+                                           accelerator.device).items():
+                plots.save(fig, out_dir / name)
+        console.summary_table(f"{path} (epoch {payload.get('epoch')}), {metrics['n_images']} test images, "
+                              f"nats per image", {
+                                  "-ELBO (nelbo)": metrics["nelbo"], "recon": metrics["recon"], "kl": metrics["kl"],
+                                  f"IWAE NLL (k={iwae_k})": metrics["iwae_nll"],
+                                  "active units": f"{metrics['active_units']} / {cfg.model.z_dim}",
+                                  "wall time (s)": results["wall_time_s"]})
+        console.info(f"wrote {out}" + (f" and figures in {out_dir}" if figures else ""))
+    accelerator.wait_for_everyone()
+    return results

@@ -1,0 +1,84 @@
+"""Test-set metrics of a trained VAE that do not depend on how the images are split across processes.
+
+Every random draw for image i comes from a generator seeded with (seed, i): the same image gets the same noise
+whether it is scored by process 0 of 1 or process 3 of 4, so 1-process and N-process numbers are equal.
+
+Per image, in nats:
+- recon, kl, nelbo: single-sample estimate of -ELBO = -E_q[log p(x|z)] + KL(q(z|x) || p(z)) (KL in closed form)
+- iwae_nll: -log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x), z_i ~ q(z|x) (Burda et al., 2015), an upper bound on
+  -log p(x) that tightens as k grows; at k = 1 it is the single-sample -ELBO (with the sampled KL).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .model import VAE, kl_to_standard_normal, reconstruction_nats
+
+LOG_2PI = math.log(2 * math.pi)
+# The k importance samples of an image are decoded this many at a time (memory: batch x chunk x 784 floats).
+IWAE_CHUNK = 128
+
+
+def per_image_noise(indices: torch.Tensor, count: int, z_dim: int, seed: int,
+                    device: torch.device) -> torch.Tensor:
+    """[B, count, z] standard normal noise; row b depends only on (seed, indices[b]), never on the batch."""
+    generator = torch.Generator(device=device)
+    rows = []
+    for index in indices.tolist():
+        generator.manual_seed(seed * 1_000_003 + int(index))
+        rows.append(torch.randn(count, z_dim, generator=generator, device=device))
+    return torch.stack(rows)
+
+
+def _log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag(exp(logvar))), summed over the last dimension."""
+    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) / logvar.exp()).sum(-1)
+
+
+@torch.no_grad()
+def score_batch(model: VAE, x: torch.Tensor, indices: torch.Tensor, *, iwae_k: int, seed: int) -> dict:
+    """Per-image metrics for one batch: x [B, 784] in [0, 1], indices [B] global image indices."""
+    mu, logvar = model.encoder(x)
+    mu, logvar = mu.float(), logvar.float()
+    z_dim = mu.shape[1]
+    # All draws of an image at once: [:, 0] for the -ELBO sample, [:, 1:] for the k importance samples.
+    eps = per_image_noise(indices, 1 + iwae_k, z_dim, seed, x.device)
+    std = (0.5 * logvar).exp()
+
+    recon = reconstruction_nats(model.decoder(mu + eps[:, 0] * std), x)
+    kl = kl_to_standard_normal(mu, logvar)
+
+    # IWAE, decoded in chunks of samples so that k = 5000 fits in memory.
+    log_weights = []
+    for start in range(0, iwae_k, IWAE_CHUNK):
+        z = mu[:, None] + eps[:, 1 + start: 1 + start + IWAE_CHUNK] * std[:, None]  # [B, chunk, z]
+        logits = model.decoder(z)  # [B, chunk, 784]
+        log_px_z = -reconstruction_nats(logits, x[:, None, :].expand_as(logits))
+        log_pz = _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+        log_qz = _log_normal(z, mu[:, None], logvar[:, None])
+        log_weights.append(log_px_z + log_pz - log_qz)
+    log_w = torch.cat(log_weights, dim=1)
+    iwae_nll = -(torch.logsumexp(log_w, dim=1) - math.log(iwae_k))
+
+    kl_per_dim = -0.5 * (1.0 + logvar - mu.pow(2) - logvar.exp())
+    return {"recon": recon, "kl": kl, "nelbo": recon + kl, "iwae_nll": iwae_nll, "kl_per_dim": kl_per_dim,
+            "mu": mu}
+
+
+def summarize(per_image: dict[str, torch.Tensor], active_threshold: float = 0.01) -> dict:
+    """Dataset-level numbers from per-image tensors gathered over all processes."""
+    mu = per_image["mu"].double()
+    variance = mu.var(dim=0, unbiased=False) if len(mu) > 1 else torch.zeros(mu.shape[1], dtype=torch.float64)
+    return {
+        "nelbo": per_image["nelbo"].double().mean().item(),
+        "recon": per_image["recon"].double().mean().item(),
+        "kl": per_image["kl"].double().mean().item(),
+        "iwae_nll": per_image["iwae_nll"].double().mean().item(),
+        "kl_per_dim": per_image["kl_per_dim"].double().mean(0).tolist(),
+        "active_units": int((variance > active_threshold).sum().item()),
+        "latent_variance": variance.tolist(),
+        "n_images": len(mu),
+    }
