@@ -25,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as error:
         if is_rank_zero():
             print(f"error: {error}", file=sys.stderr)
-        return 1
+        return error.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C: checkpoints are atomic, the last complete one is intact
+        if is_rank_zero():
+            print("error: interrupted; the last complete checkpoint is intact, run the same command to resume",
+                  file=sys.stderr)
+        return 130
     return 0
 
 

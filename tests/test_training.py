@@ -31,7 +31,7 @@ def test_short_cpu_run_writes_a_complete_run_directory(tmp_path, mnist_root):
                  "reconstructions.png", "samples.png", "latent.png"):
         assert (run_dir / name).is_file(), name
     # keep_checkpoints=1: only the newest full state is left
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_0002"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000080"]  # 2 epochs x 40 batches
     # the model file is self-contained and loads with weights_only=True
     payload = torch.load(run_dir / "last.pt", weights_only=True)
     assert payload["epoch"] == 2 and payload["config"]["model"]["z_dim"] == 2
@@ -134,3 +134,58 @@ def test_resuming_with_another_model_is_refused(tmp_path, mnist_root):
     assert result.returncode != 0
     assert "holds a run with a different model" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _start(args):
+    import subprocess
+    import sys
+
+    from .conftest import REPO, _env
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+
+
+def _wait_for_line(process, text):
+    for line in process.stdout:
+        if text in line:
+            return line
+    raise AssertionError(f"process ended before printing {text!r}: {process.stderr.read()[-2000:]}")
+
+
+@pytest.mark.parametrize("signame, exit_code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_signal_mid_epoch_checkpoints_and_resume_equals_uninterrupted(signame, exit_code, tmp_path, mnist_root):
+    import signal
+    import time
+
+    overrides = ["train.epochs=2", "data.train_subset=6000", "log.figures=false"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert_ok(python(*train_cmd(straight, mnist_root, *overrides)))
+    process = _start(train_cmd(stopped, mnist_root, *overrides))
+    _wait_for_line(process, "run directory")
+    time.sleep(1.5)
+    process.send_signal(getattr(signal, signame))
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == exit_code, stderr
+    assert f"stopped by {signame}" in stderr and "run the same command again to resume" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    resumed = python(*train_cmd(stopped, mnist_root, *overrides))
+    assert_ok(resumed)
+    assert "resuming" in resumed.stdout
+    a, b = _final_weights(straight), _final_weights(stopped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = read_jsonl(stopped / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["train/loss"] == pytest.approx(read_jsonl(straight / "metrics.jsonl")[0]["train/loss"], rel=1e-9)
+
+
+def test_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, mnist_root):
+    run_dir = tmp_path / "r"
+    overrides = ["data.train_subset=500", "log.figures=false", "train.keep_checkpoints=3"]
+    assert_ok(python(*train_cmd(run_dir, mnist_root, "train.epochs=2", *overrides)))
+    newest = sorted((run_dir / "checkpoints").iterdir())[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # as if killed while writing
+    result = python(*train_cmd(run_dir, mnist_root, "train.epochs=3", *overrides))
+    assert_ok(result)
+    assert f"cannot resume from {newest}" in result.stdout and "trying an older checkpoint" in result.stdout
+    assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]

@@ -1,13 +1,15 @@
 """Checkpoints: full training states for resuming, and small self-contained model files for evaluation.
 
 Layout of a run directory:
-    checkpoints/epoch_0003/    accelerate's save_state (model, optimizer, scheduler, scaler, RNG of every rank)
-                               + trainer_state.json (epoch, step, best) written last: it marks the state complete
+    checkpoints/step_00003600/ accelerate's save_state (model, optimizer, scheduler, scaler, RNG of every rank)
+                               + trainer_state.json written last: it marks the state complete and says where
+                               to go on (epoch, batches already done in it, step, best so far). Saved at the end
+                               of epochs, and mid-epoch when a run is stopped by a signal.
     last.pt, best.pt           weights + resolved config + epoch + metrics; plain tensors and containers only,
                                so they load with torch.load(..., weights_only=True) and never run code
 
 Every write is atomic: files are written under a temporary name and renamed; a full state is written into
-`.epoch_0003.partial/` and renamed when complete. A crash mid-save leaves the previous checkpoint as it was.
+`.step_00003600.partial/` and renamed when complete. A crash mid-save leaves the previous checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .errors import HarnessError
 
 FORMAT_VERSION = 1
 KIND = "vae-mnist-model"
-STATE_DIR_PATTERN = re.compile(r"^epoch_(\d{4,})$")
+STATE_DIR_PATTERN = re.compile(r"^step_(\d{8,})$")
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -114,15 +116,15 @@ def load_model_file(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Full training states (checkpoints/epoch_NNNN/)
+# Full training states (checkpoints/step_NNNNNNNN/)
 
 
-def state_dir(run_dir: Path, epoch: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}"
+def state_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def partial_state_dir(run_dir: Path, epoch: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f".epoch_{epoch:04d}.partial"
+def partial_state_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f".step_{step:08d}.partial"
 
 
 def read_trainer_state(directory: Path) -> dict | None:
@@ -131,13 +133,14 @@ def read_trainer_state(directory: Path) -> dict | None:
         state = json.loads((Path(directory) / TRAINER_STATE).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(state, dict) or not isinstance(state.get("epoch"), int):
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in ("epoch", "step",
+                                                                                       "batches_done")):
         return None
     return state
 
 
 def complete_states(run_dir: Path) -> list[tuple[int, Path]]:
-    """(epoch, directory) of the complete full states in run_dir, oldest first."""
+    """(step, directory) of the complete full states in run_dir, oldest first."""
     root = Path(run_dir) / "checkpoints"
     found = []
     if root.is_dir():
@@ -148,12 +151,12 @@ def complete_states(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def commit_state(run_dir: Path, epoch: int, trainer_state: dict) -> Path:
+def commit_state(run_dir: Path, step: int, trainer_state: dict) -> Path:
     """Main process, after every rank has written into the partial directory: mark it complete, rename it."""
-    partial = partial_state_dir(run_dir, epoch)
+    partial = partial_state_dir(run_dir, step)
     atomic_write_text(partial / TRAINER_STATE, json.dumps(trainer_state, indent=1))
-    final = state_dir(run_dir, epoch)
-    if final.exists():  # an older save of the same epoch (e.g. after a resume that re-ran it)
+    final = state_dir(run_dir, step)
+    if final.exists():  # an older save of the same step (e.g. after a resume that re-ran it)
         shutil.rmtree(final)
     os.replace(partial, final)
     _fsync_dir(final.parent)
@@ -170,6 +173,6 @@ def prune_states(run_dir: Path, keep: int) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if root.is_dir():
         for child in root.iterdir():
-            if child.name.startswith(".epoch_") and child.name.endswith(".partial"):
+            if child.name.startswith(".step_") and child.name.endswith(".partial"):
                 shutil.rmtree(child, ignore_errors=True)
     return removed

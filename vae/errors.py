@@ -3,3 +3,5 @@
 
 class HarnessError(Exception):
     """Something the user can fix: bad config, missing data, unusable checkpoint, wrong launch. One line."""
+
+    exit_code = 1

@@ -30,6 +30,7 @@ from .data import MNISTTensors, ensure_mnist, load_mnist, make_loader, to_unit_f
 from .evaluation import model_figures
 from .errors import HarnessError
 from .model import VAE, negative_elbo_terms
+from .preemption import EXIT_CODES, StopRequest, requeue_slurm_job, slurm_job_id
 
 
 class TrainingError(HarnessError):
@@ -163,13 +164,12 @@ def _check_same_model(run_dir: Path, cfg: Config) -> None:
                             f"pass a new run.dir=..., or train.resume=false to move the old run aside")
 
 
-def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) -> tuple[Path | None, Path]:
-    """Returns (full state to resume from or None, run_dir). Moves an old run aside when resume=false."""
+def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) -> tuple[bool, Path]:
+    """Returns (resume?, run_dir). Moves an old run aside when resume=false."""
     run_dir = cfg.run_dir
-    states = checkpoint.complete_states(run_dir)
-    if states and cfg.train.resume:
+    if checkpoint.complete_states(run_dir) and cfg.train.resume:
         _check_same_model(run_dir, cfg)
-        return states[-1][1], run_dir
+        return True, run_dir
     if accelerator.is_main_process and run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.train.resume:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -177,7 +177,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) 
             run_dir.rename(moved)
             console.info(f"train.resume=false: moved the previous run to {moved}")
     accelerator.wait_for_everyone()
-    return None, run_dir
+    return False, run_dir
 
 
 def _writable_or_fail(run_dir: Path) -> None:
@@ -195,24 +195,36 @@ def _writable_or_fail(run_dir: Path) -> None:
 # One epoch of training, one pass over the test set
 
 
+STOP_POLL_STEPS = 10  # with several processes, how often they agree on whether a stop was requested
+
+
 def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerator, bar, *, epoch: int,
-                    step: int, check_every: int) -> dict:
+                    step: int, check_every: int, stop: StopRequest | None = None, skip_batches: int = 0,
+                    partial: dict | None = None) -> dict:
+    """One pass over the training batches (the first `skip_batches` skipped, when resuming mid-epoch).
+    Returns the epoch's mean loss, or, if a stop was requested, where it stopped ("interrupted": True)."""
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    seen = 0
+    partial = partial or {}
+    loss_sum = torch.tensor(float(partial.get("loss_sum", 0.0)), dtype=torch.float64, device=accelerator.device)
+    seen = int(partial.get("seen", 0))
+    batches_done = skip_batches
+    if skip_batches:
+        loader = accelerator.skip_first_batches(loader, skip_batches)
+        bar.advance(skip_batches)
+    interrupted = False
     for images, _ in loader:
         x = to_unit_float(images)
         logits, mu, logvar = model(x)
         recon, kl = negative_elbo_terms(logits, x, mu, logvar)
         # The tutorial's objective: -ELBO summed over the (global) batch. DDP averages gradients over the N
-        # processes, so each rank scales its share by N. (Sum, not mean, matters with Adam: its eps is not
-        # scale-free, and the mean costs ~2 nats at z=2 after 20 epochs.)
+        # processes, so each rank scales its share by N.
         loss = (recon + kl).sum() * accelerator.num_processes
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
         scheduler.step()
         step += 1
+        batches_done += 1
         loss_sum += (recon + kl).detach().sum()
         seen += len(x)
         bar.advance()
@@ -221,12 +233,29 @@ def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerato
             current = accelerator.reduce((recon + kl).detach().mean(), reduction="mean").item()
             _stop_if_not_finite(current, epoch, step)
             bar.show_loss(current)
+        if stop is not None and _stop_agreed(stop, accelerator, step):
+            interrupted = True
+            break
+    if interrupted:
+        return {"interrupted": True, "step": step, "batches_done": batches_done, "loss_sum": loss_sum.item(),
+                "seen": seen}
     totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64,
                                                                      device=loss_sum.device)]), reduction="sum")
     per_rank = accelerator.gather(torch.tensor([seen], device=accelerator.device)).tolist()
     mean_loss = (totals[0] / totals[1]).item()
     _stop_if_not_finite(mean_loss, epoch, step)
-    return {"train/loss": mean_loss, "samples": int(totals[1].item()), "samples_per_rank": per_rank, "step": step}
+    return {"interrupted": False, "train/loss": mean_loss, "samples": int(totals[1].item()),
+            "samples_per_rank": per_rank, "step": step}
+
+
+def _stop_agreed(stop: StopRequest, accelerator: Accelerator, step: int, every_step: bool = False) -> bool:
+    """True on every process once any of them was asked to stop (checked every STOP_POLL_STEPS steps)."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    if step % STOP_POLL_STEPS and not every_step:
+        return False
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
 def _stop_if_not_finite(value: float, epoch: int, step: int) -> None:
@@ -265,8 +294,11 @@ def evaluate_test_set(model, loader, accelerator: Accelerator) -> dict:
 # Checkpoints and figures
 
 
-def save_full_state(accelerator: Accelerator, run_dir: Path, epoch: int, trainer_state: dict, keep: int) -> None:
-    partial = checkpoint.partial_state_dir(run_dir, epoch)
+def save_full_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict, keep: int) -> Path:
+    """Every rank calls this. trainer_state says where to go on: epoch, batches_done in it, step, best, and the
+    partial epoch's loss sums when stopped mid-epoch."""
+    step = trainer_state["step"]
+    partial = checkpoint.partial_state_dir(run_dir, step)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -274,9 +306,48 @@ def save_full_state(accelerator: Accelerator, run_dir: Path, epoch: int, trainer
     accelerator.save_state(str(partial))  # every rank writes its own RNG state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        checkpoint.commit_state(run_dir, epoch, trainer_state)
+        checkpoint.commit_state(run_dir, step, trainer_state)
         checkpoint.prune_states(run_dir, keep)
     accelerator.wait_for_everyone()
+    return checkpoint.state_dir(run_dir, step)
+
+
+def resume_full_state(accelerator: Accelerator, run_dir: Path, console: RunConsole) -> dict:
+    """Load the newest full state that loads; a damaged newer one is skipped with a warning."""
+    states = checkpoint.complete_states(run_dir)
+    failures = []
+    for _, directory in reversed(states):
+        try:
+            accelerator.load_state(str(directory))
+        except Exception as e:  # damaged (e.g. killed while saving, truncated) or of another shape
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            failures.append(f"{directory.name}: {first[:200]}")
+            console.warn(f"cannot resume from {directory} ({type(e).__name__}: {first[:200]}); trying an older "
+                         f"checkpoint")
+            continue
+        state = checkpoint.read_trainer_state(directory)
+        where = f"epoch {state['epoch']}" + (f", batch {state['batches_done']}" if state["batches_done"] else "")
+        console.info(f"resuming {run_dir} from {directory.name} ({where})")
+        return state
+    raise TrainingError(f"no checkpoint in {run_dir} could be loaded ({'; '.join(failures)}); pass a new "
+                        f"run.dir=... or train.resume=false to start over")
+
+
+def _stop_after_checkpoint(stop: StopRequest, accelerator: Accelerator, console: RunConsole, saved: Path,
+                           epoch: int, batches_done: int, steps_per_epoch: int) -> None:
+    """After the checkpoint of a requested stop: requeue under Slurm (SIGUSR1), then leave with a message."""
+    where = f"epoch {epoch}, batch {batches_done}/{steps_per_epoch}" if batches_done else f"the start of epoch {epoch}"
+    message = f"stopped by {stop.signal_name} at {where}; saved {saved}"
+    job = slurm_job_id()
+    if stop.signal_name == "SIGUSR1" and job:
+        if accelerator.is_main_process:
+            message += "; " + requeue_slurm_job(job)
+    else:
+        message += "; run the same command again to resume"
+    accelerator.wait_for_everyone()
+    error = TrainingError(message)
+    error.exit_code = EXIT_CODES.get(stop.signal_name, 1)
+    raise error
 
 
 def write_figures(model: VAE, history: list[dict], test_images: torch.Tensor, evaluation: dict, out_dir: Path,
@@ -337,23 +408,20 @@ def train(cfg: Config) -> dict:
     set_seed(cfg.train.seed, device_specific=True)
 
     # Run directory: resume from the newest complete state, or start fresh.
-    resume_from, run_dir = prepare_run_dir(cfg, accelerator, console)
+    resume, run_dir = prepare_run_dir(cfg, accelerator, console)
     if main:
         _writable_or_fail(run_dir)
     accelerator.wait_for_everyone()
-    start_epoch, step, best = 1, 0, {"val/loss": float("inf"), "epoch": None}
-    if resume_from is not None:
-        try:
-            accelerator.load_state(str(resume_from))
-        except Exception as e:  # a state of another shape or a damaged file: say which and how to get out
-            raise TrainingError(f"cannot resume from {resume_from} ({type(e).__name__}: "
-                                f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); pass a new "
-                                f"run.dir=... or train.resume=false") from None
-        state = checkpoint.read_trainer_state(resume_from)
-        start_epoch, step, best = state["epoch"] + 1, state["step"], state["best"]
-        console.info(f"resuming {run_dir} from epoch {state['epoch']} ({resume_from.name})")
+    start_epoch, step, skip_batches, partial = 1, 0, 0, {}
+    best = {"val/loss": float("inf"), "epoch": None}
+    if resume:
+        resumed = resume_full_state(accelerator, run_dir, console)
+        start_epoch, step, skip_batches, best = (resumed["epoch"], resumed["step"], resumed["batches_done"],
+                                                 resumed["best"])
+        partial = resumed.get("partial", {})
     history = _read_metrics(run_dir / "metrics.jsonl", up_to_epoch=start_epoch - 1)
     config_dict = config_to_dict(cfg)
+    stop = StopRequest().install()  # from here on, SIGTERM/SIGUSR1/Ctrl-C stop at a checkpoint
     if main:
         checkpoint.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         checkpoint.atomic_write_text(run_dir / "environment.json", json.dumps(environment_info(accelerator),
@@ -364,44 +432,59 @@ def train(cfg: Config) -> dict:
                      f"({accelerator.distributed_type}) | mixed precision {accelerator.mixed_precision} | "
                      f"global batch {cfg.train.batch_size} | {len(train_set)} train / {len(test_set)} test images")
 
-    evaluation = None
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
-        epoch_started = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        with console.epoch_progress(epoch, cfg.train.epochs, steps_per_epoch) as bar:
-            trained = train_one_epoch(model, optimizer, scheduler, train_loader, accelerator, bar, epoch=epoch,
-                                      step=step, check_every=cfg.log.every_steps)
-        train_time = time.perf_counter() - epoch_started
-        step = trained["step"]
-        evaluation = evaluate_test_set(model, test_loader, accelerator)
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "train/loss": trained["train/loss"],
-            "val/loss": evaluation["val/loss"],
-            "val/recon": evaluation["val/recon"],
-            "val/kl": evaluation["val/kl"],
-            "samples_per_s": trained["samples"] / train_time,
-            "epoch_time_s": time.perf_counter() - epoch_started,
-            "lr": scheduler.get_last_lr()[0],
-            "samples_per_rank": trained["samples_per_rank"],
-            "val/n_images": evaluation["n_images"],
-        }
-        history.append(row)
-        improved = row["val/loss"] < best["val/loss"]
-        if improved:
-            best = {"val/loss": row["val/loss"], "epoch": epoch}
-        if main:
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            console.epoch_line(row)
-            metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-            checkpoint.save_model_file(run_dir / "last.pt", raw_model, config_dict, epoch, metrics)
+    try:
+        evaluation = None
+        for epoch in range(start_epoch, cfg.train.epochs + 1):
+            epoch_started = time.perf_counter()
+            train_loader.set_epoch(epoch)
+            with console.epoch_progress(epoch, cfg.train.epochs, steps_per_epoch) as bar:
+                trained = train_one_epoch(model, optimizer, scheduler, train_loader, accelerator, bar, epoch=epoch,
+                                          step=step, check_every=cfg.log.every_steps, stop=stop,
+                                          skip_batches=skip_batches, partial=partial)
+            skip_batches, partial = 0, {}
+            step = trained["step"]
+            if trained["interrupted"]:
+                saved = save_full_state(accelerator, run_dir, {
+                    "epoch": epoch, "batches_done": trained["batches_done"], "step": step, "best": best,
+                    "partial": {"loss_sum": trained["loss_sum"], "seen": trained["seen"]}},
+                    cfg.train.keep_checkpoints)
+                _stop_after_checkpoint(stop, accelerator, console, saved, epoch, trained["batches_done"],
+                                       steps_per_epoch)
+            train_time = time.perf_counter() - epoch_started
+            evaluation = evaluate_test_set(model, test_loader, accelerator)
+            row = {
+                "epoch": epoch,
+                "step": step,
+                "train/loss": trained["train/loss"],
+                "val/loss": evaluation["val/loss"],
+                "val/recon": evaluation["val/recon"],
+                "val/kl": evaluation["val/kl"],
+                "samples_per_s": trained["samples"] / train_time,
+                "epoch_time_s": time.perf_counter() - epoch_started,
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_rank": trained["samples_per_rank"],
+                "val/n_images": evaluation["n_images"],
+            }
+            history.append(row)
+            improved = row["val/loss"] < best["val/loss"]
             if improved:
-                checkpoint.save_model_file(run_dir / "best.pt", raw_model, config_dict, epoch, metrics)
-        if epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
-            save_full_state(accelerator, run_dir, epoch, {"epoch": epoch, "step": step, "best": best},
-                            cfg.train.keep_checkpoints)
+                best = {"val/loss": row["val/loss"], "epoch": epoch}
+            if main:
+                with (run_dir / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                console.epoch_line(row)
+                metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+                checkpoint.save_model_file(run_dir / "last.pt", raw_model, config_dict, epoch, metrics)
+                if improved:
+                    checkpoint.save_model_file(run_dir / "best.pt", raw_model, config_dict, epoch, metrics)
+            stopping = _stop_agreed(stop, accelerator, step, every_step=True)
+            if stopping or epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
+                saved = save_full_state(accelerator, run_dir, {"epoch": epoch + 1, "batches_done": 0, "step": step,
+                                                               "best": best}, cfg.train.keep_checkpoints)
+                if stopping and epoch < cfg.train.epochs:
+                    _stop_after_checkpoint(stop, accelerator, console, saved, epoch + 1, 0, steps_per_epoch)
+    finally:
+        stop.uninstall()
 
     if evaluation is None:  # nothing left to train: the run had already reached train.epochs
         console.info(f"{run_dir} already finished {cfg.train.epochs} epochs; raise train.epochs to train further")
