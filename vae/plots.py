@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid
 
 DIGIT_COLORS = "tab10"
@@ -27,6 +28,7 @@ def loss_curve(history: list[dict]) -> Figure:
     ax.plot(epochs, [row["train/loss"] for row in history], marker="o", label="train (mean over the epoch)")
     ax.plot(epochs, [row["val/loss"] for row in history], marker="o", label="test (end of epoch)")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("-ELBO (nats per image)")
     ax.set_title("Loss")
     ax.grid(alpha=0.3)
