@@ -1,0 +1,78 @@
+#!/bin/bash
+# A sweep as one job array: array task i trains SWEEP[i] (below) into its own run directory, on one GPU.
+#
+#   sbatch --array=0-2 slurm/sweep.sh                              # z_dim 2, 10, 20 on configs/z2.yaml
+#   sbatch --array=0-2%2 slurm/sweep.sh                            # at most 2 tasks at a time
+#   sbatch --array=0-2 slurm/sweep.sh configs/z20.yaml train.epochs=5   # [CONFIG] [overrides for every task]
+#   GPUS_PER_NODE=0 sbatch --gres=none --array=0-2 slurm/sweep.sh configs/debug.yaml   # CPU-only partitions
+#
+# Task i runs slurm/train.sh with CONFIG, SWEEP[i]'s overrides and RUN_DIR=<SWEEP_DIR>/<name from the overrides>
+# (runs/z2-sweep/z_dim-10 for model.z_dim=10): the same directory after a requeue (so it resumes), another for
+# each setting. Preemption, requeue and the output are as in slurm/train.sh.
+#
+# Edit these to your cluster (options given to sbatch on the command line win over these lines):
+#SBATCH --job-name=vae-sweep
+#SBATCH --output=slurm-%x-%A_%a.out    # %A array job id, %a task index; in the directory you ran sbatch from
+#SBATCH --open-mode=append             # a requeued task appends to its output file instead of wiping it
+#SBATCH --array=0-2                    # one task per SWEEP entry; `sbatch --array=...` overrides this
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:1                   # one GPU per task (CPU-only partitions: sbatch --gres=none ...)
+#SBATCH --cpus-per-task=2
+#SBATCH --time=02:00:00
+#SBATCH --requeue                      # may be requeued (preemption, node failure, the USR1 below)
+#SBATCH --signal=B:USR1@180            # SIGUSR1 to the script 180 s (up to 60 s more) before the time limit
+##SBATCH --mem=16G                     # (two #: off) memory, partition, account ...
+##SBATCH --partition=gpu
+
+# ----- settings: environment variables, defaults below (set them before sbatch: `X=... sbatch ...`) -----
+: "${SLURM_SUBMIT_DIR:=$PWD}"  # (run with plain bash, outside Slurm: the current directory)
+# The config every task starts from, when none is given as the first argument.
+SWEEP_CONFIG=${SWEEP_CONFIG:-configs/z2.yaml}
+# The sweep: one entry per array task, each a space-separated list of section.key=value overrides.
+SWEEP=(
+  "model.z_dim=2"
+  "model.z_dim=10"
+  "model.z_dim=20"
+)
+# ...or from the environment, entries separated by ';':  SWEEP_LIST="model.z_dim=2;model.z_dim=5 train.lr=3e-4"
+if [[ -n "${SWEEP_LIST:-}" ]]; then IFS=';' read -r -a SWEEP <<<"$SWEEP_LIST"; fi
+# Where the tasks' run directories go. Unset: runs/<config name>-sweep.
+SWEEP_DIR=${SWEEP_DIR:-}
+# GPUS_PER_NODE, WANDB_MODE, VENV: as in slurm/train.sh, which runs each task.
+# ---------------------------------------------------------------------------------------------------------
+
+set -uo pipefail
+cd "$SLURM_SUBMIT_DIR" || exit 1
+
+if [[ $# -gt 0 && "$1" != *=* ]]; then
+  SWEEP_CONFIG=$1
+  shift
+fi
+task=${SLURM_ARRAY_TASK_ID:-}
+if [[ -z "$task" ]]; then
+  echo "error: slurm/sweep.sh is a job array: sbatch --array=0-$(( ${#SWEEP[@]} - 1 )) slurm/sweep.sh" >&2
+  exit 1
+fi
+if (( task >= ${#SWEEP[@]} )); then
+  echo "error: array task $task, but the sweep has ${#SWEEP[@]} entries (use --array=0-$(( ${#SWEEP[@]} - 1 )))" >&2
+  exit 1
+fi
+read -r -a setting <<<"${SWEEP[$task]}"
+
+# The run directory is named after the setting, not after the task index or job id: a requeued task finds its
+# run again, and editing the list does not hand an old run to another setting.
+# model.z_dim=10 train.lr=3e-4 -> z_dim-10_lr-3e-4
+name=""
+for override in "${setting[@]}"; do
+  key=${override%%=*}
+  value=${override#*=}
+  name+="${name:+_}${key##*.}-${value}"
+done
+name=$(tr -c 'A-Za-z0-9._+=\n-' '_' <<<"${name:-task$task}")
+config_name=$(basename "${SWEEP_CONFIG%.*}")
+export RUN_DIR="${SWEEP_DIR:-runs/${config_name}-sweep}/$name"
+
+echo "=== sweep task $task of ${#SWEEP[@]} (array job ${SLURM_ARRAY_JOB_ID:-?}): ${setting[*]} -> $RUN_DIR"
+# exec: slurm/train.sh becomes this job's shell, so it is what Slurm's USR1 (--signal=B:...) reaches.
+exec bash "$SLURM_SUBMIT_DIR/slurm/train.sh" "$SWEEP_CONFIG" "${setting[@]}" "$@"

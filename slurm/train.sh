@@ -1,0 +1,165 @@
+#!/bin/bash
+# Train the VAE on ONE node of a Slurm cluster: one process per GPU of the allocation (DDP), or one CPU process.
+#
+#   sbatch slurm/train.sh                                         # configs/z2.yaml, 1 node, all its GPUs
+#   sbatch slurm/train.sh configs/z20.yaml train.epochs=50        # [CONFIG] [section.key=value ...]
+#   sbatch --gres=gpu:4 slurm/train.sh configs/z20.yaml           # a node with at least 4 GPUs
+#   GPUS_PER_NODE=0 sbatch slurm/train.sh configs/debug.yaml      # CPU-only partitions
+#   RUN_DIR=runs/z20-long sbatch slurm/train.sh configs/z20.yaml  # another run directory
+#
+# Preemption and time limits: 180 s before the end Slurm sends SIGUSR1 to this script, which passes it to the
+# training processes; they finish the current step, write a full checkpoint (mid-epoch) and requeue the job,
+# whose next start resumes exactly there (same run directory). `scontrol requeue`, `scancel` and the time
+# limit send SIGTERM: a checkpoint is written too, and a requeued job resumes from it.
+# Several nodes: slurm/train_multinode.sh. Several configs as one job array: slurm/sweep.sh.
+#
+# Edit these to your cluster (options given to sbatch on the command line win over these lines):
+#SBATCH --job-name=vae
+#SBATCH --output=slurm-%x-%j.out       # %x job name, %j job id; in the directory you ran sbatch from
+#SBATCH --open-mode=append             # a requeued job appends to its output file instead of wiping it
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1            # one launcher; it starts one process per GPU
+#SBATCH --exclusive                    # the whole node: every GPU and CPU of it (--gres then picks the node)
+#SBATCH --mem=0                        # and all its memory
+#SBATCH --cpus-per-task=2              # at least this many CPUs (--exclusive gives all of them anyway)
+#SBATCH --time=02:00:00
+#SBATCH --requeue                      # may be requeued (preemption, node failure, the USR1 below)
+#SBATCH --signal=B:USR1@180            # SIGUSR1 to this script 180 s (up to 60 s more) before the time limit
+##SBATCH --partition=gpu               # (two #: off) your GPU partition, account, QOS ...
+##SBATCH --account=myproject
+
+# ----- settings: environment variables, defaults below (set them before sbatch: `X=... sbatch ...`) -----
+: "${SLURM_SUBMIT_DIR:=$PWD}"  # (run with plain bash, outside Slurm: the current directory)
+# Config when none is given as the first argument.
+CONFIG=${CONFIG:-configs/z2.yaml}
+# Processes per node = GPUs per node. Unset: the GPUs Slurm gave this job (SLURM_GPUS_ON_NODE,
+# CUDA_VISIBLE_DEVICES; nvidia-smi where Slurm does not manage GPUs). 0: one process on the CPU.
+GPUS_PER_NODE=${GPUS_PER_NODE:-}
+# Run directory (becomes run.dir=...). Unset: the harness's runs/<config name>. A requeued job must train into
+# the same directory to resume, so it is fixed here, not derived from the job id.
+RUN_DIR=${RUN_DIR:-}
+# Weights & Biases: offline (compute nodes often have no internet; `wandb sync` later), online, or disabled.
+export WANDB_MODE=${WANDB_MODE:-offline}
+# The Python environment to activate; VENV= (empty) uses whatever python/accelerate is on PATH (modules, conda).
+VENV=${VENV-"$SLURM_SUBMIT_DIR/.venv"}
+# ---------------------------------------------------------------------------------------------------------
+
+set -uo pipefail
+cd "$SLURM_SUBMIT_DIR" || exit 1
+export PYTHONUNBUFFERED=1  # lines reach slurm-*.out as they are printed
+
+if [[ -n "$VENV" ]]; then
+  if [[ ! -f "$VENV/bin/activate" ]]; then
+    echo "error: no Python environment at VENV=$VENV (make venv creates .venv; VENV= uses the python on PATH)" >&2
+    exit 1
+  fi
+  # shellcheck disable=SC1091
+  source "$VENV/bin/activate"
+fi
+
+if (( ${SLURM_NNODES:-1} > 1 )); then
+  echo "error: slurm/train.sh runs on one node; for $SLURM_NNODES nodes use slurm/train_multinode.sh" >&2
+  exit 1
+fi
+
+# [CONFIG] [overrides...]: a first argument without '=' is the config file.
+if [[ $# -gt 0 && "$1" != *=* ]]; then
+  CONFIG=$1
+  shift
+fi
+overrides=()
+[[ -n "$RUN_DIR" ]] && overrides+=("run.dir=$RUN_DIR")
+overrides+=("$@")
+
+# The run directory as the harness will resolve it; this also stops a bad config here, in one line.
+resolve_run_dir() {
+  python - "$CONFIG" "$@" <<'PY'
+import sys
+try:
+    from vae.config import load_config
+    from vae.errors import HarnessError
+except Exception as e:  # an older/newer harness: just do not show it
+    print("?"); sys.exit(0)
+try:
+    print(load_config(sys.argv[1], sys.argv[2:]).run_dir.resolve())
+except HarnessError as e:
+    print(f"error: {e}", file=sys.stderr); sys.exit(2)
+PY
+}
+run_dir=$(resolve_run_dir "${overrides[@]}") || exit 2
+# Array tasks (sbatch --array=... slurm/train.sh) must not share one run directory: one per task unless given.
+if [[ -n "${SLURM_ARRAY_TASK_ID:-}" && -z "$RUN_DIR" && " ${overrides[*]} " != *" run.dir="* ]]; then
+  run_dir="${run_dir}-task${SLURM_ARRAY_TASK_ID}"
+  overrides=("run.dir=$run_dir" "${overrides[@]}")
+fi
+
+gpus_in_allocation() {
+  if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+    echo "$SLURM_GPUS_ON_NODE"
+  elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" != "NoDevFiles" ]]; then
+    tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+GPUS_PER_NODE=${GPUS_PER_NODE:-$(gpus_in_allocation)}
+if ! [[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]]; then
+  echo "error: GPUS_PER_NODE must be a whole number (got '$GPUS_PER_NODE')" >&2
+  exit 1
+fi
+
+# Two multi-GPU jobs on one node must not meet on one rendezvous port: derive it from the job id.
+port=$(( 20000 + ${SLURM_JOB_ID:-0} % 10000 ))
+# --mixed_precision no only sets the default: train.mixed_precision=bf16 (or fp16) in the config still wins.
+launch=(accelerate launch --quiet --num_machines 1 --mixed_precision no --dynamo_backend no)
+if (( GPUS_PER_NODE > 1 )); then
+  procs=$GPUS_PER_NODE
+  launch+=(--multi_gpu --num_processes "$procs" --main_process_port "$port")
+  how="$procs processes, one per GPU (DDP)"
+elif (( GPUS_PER_NODE == 1 )); then
+  procs=1
+  launch+=(--num_processes 1)
+  how="1 process on 1 GPU"
+else
+  procs=1
+  launch+=(--num_processes 1)
+  overrides+=("train.cpu=true")
+  how="1 process on the CPU"
+fi
+launch+=(train.py --config "$CONFIG" "${overrides[@]}")
+# Threads per process: the node's CPUs shared out (unless set already).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_ON_NODE:-$(nproc)} / procs > 0 ? ${SLURM_CPUS_ON_NODE:-$(nproc)} / procs : 1 ))}
+
+echo "=== VAE training | job ${SLURM_JOB_ID:-?}${SLURM_ARRAY_TASK_ID:+ (array ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})} | start $(( ${SLURM_RESTART_COUNT:-0} + 1 )) | $(date '+%F %T')"
+echo "nodes:      1 (${SLURM_JOB_NODELIST:-$(hostname -s)})"
+echo "processes:  $how; OMP_NUM_THREADS=$OMP_NUM_THREADS"
+echo "config:     $CONFIG ${overrides[*]}"
+echo "run dir:    $run_dir"
+echo "python:     $(command -v python) | WANDB_MODE=$WANDB_MODE"
+echo "command:    ${launch[*]}"
+echo "==="
+
+# The launcher runs in the background so that this shell can take Slurm's signals while it waits. The
+# launcher itself ignores USR1 and TERM (set in the subshell, inherited through exec): it must outlive its
+# training processes, which catch both, checkpoint and exit. (accelerate's one-process launcher would die of
+# them at once, and torchrun forwards only TERM/INT/HUP/QUIT.) The training processes inherit the "ignore"
+# until the harness installs its handlers, once training starts.
+( trap '' USR1 TERM; exec "${launch[@]}" ) &
+launcher=$!
+# shellcheck disable=SC2329  # called from the traps below
+forward() {
+  echo "$(date '+%F %T') slurm/train.sh: got SIG$1; passing it to the training processes (checkpoint, then exit)"
+  pkill "-$1" -P "$launcher" || true  # the launcher's children: the python train.py processes
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+# `wait` returns early whenever a trapped signal arrives; wait again until the launcher is really gone.
+while true; do
+  wait "$launcher"
+  rc=$?
+  kill -0 "$launcher" 2>/dev/null || break
+done
+echo "$(date '+%F %T') slurm/train.sh: training exited with code $rc"
+exit "$rc"

@@ -1,0 +1,215 @@
+"""slurm/*.sh against a real two-node Slurm cluster started on this machine (tests/slurm_cluster.py): one
+training per node, one training across both nodes, preemption by SIGUSR1 and by `scontrol requeue` with exact
+resume, and a job-array sweep. CPU only (GPUS_PER_NODE=0), configs/debug.yaml, run directories in tmp_path.
+
+Skipped where slurm-wlm is not installed (or not as root); on CI (CI=true) that is a failure instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, read_jsonl
+from .slurm_cluster import SlurmCluster, why_unavailable
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+DEBUG_TRAIN_SIZE = yaml.safe_load((REPO / "configs/debug.yaml").read_text())["data"]["train_subset"]
+# A run long enough to be interrupted on purpose: 3 epochs of 20,000 images, about 5 s each on one CPU thread.
+LONG = ("train.epochs=3", "data.train_subset=20000", "log.figures=false")
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = why_unavailable()
+    if reason:
+        if _on_ci():
+            pytest.fail(f"CI=true but the Slurm tests cannot run: {reason}")
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("slurm")
+    own_root = len(str(root)) > 60  # slurmd's unix sockets live under the spool dir: their paths must be short
+    if own_root:
+        root = Path(tempfile.mkdtemp(prefix="vae-slurm-"))
+    cluster = SlurmCluster(root).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if own_root:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _job_env() -> dict[str, str]:
+    """What the jobs see besides the cluster: this test's Python environment, CPU only, quiet W&B."""
+    in_venv = sys.prefix != sys.base_prefix
+    return {
+        "VENV": sys.prefix if in_venv else "",  # the scripts activate it ("" = the python on PATH)
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}:/usr/sbin:/sbin",
+        "GPUS_PER_NODE": "0",
+        "OMP_NUM_THREADS": "1",  # both "nodes" share this machine's cores
+        "WANDB_MODE": "disabled",
+    }
+
+
+@pytest.fixture
+def job_env():
+    return _job_env()
+
+
+def submit(slurm: SlurmCluster, tmp_path: Path, script: str, *args: str, sbatch_args=(), env=None,
+           output: str = "slurm-%x-%j.out") -> str:
+    # The scripts' own --output is relative to the submit dir (the repository); tests keep theirs in tmp_path.
+    return slurm.sbatch(f"--output={tmp_path / output}", *sbatch_args, script, *args, env=env)
+
+
+def finished(slurm: SlurmCluster, job: str, timeout: float = 180) -> tuple[dict, str]:
+    records = slurm.wait(job, timeout=timeout)
+    output = slurm.output(job)
+    for record in records:
+        assert record["JobState"] == "COMPLETED", f"job {record.get('JobId')}: {record}\n{output[-4000:]}"
+    return records[0], output
+
+
+def epochs_of(run: Path) -> list[int]:
+    return [row["epoch"] for row in read_jsonl(run / "metrics.jsonl")]
+
+
+def wait_until(slurm: SlurmCluster, job: str, condition, what: str, timeout: float = 120) -> None:
+    """Poll `condition` while the job runs; fail at once if the job ends first."""
+    def check():
+        state = slurm.state(job)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            raise AssertionError(f"job {job} ended ({state}) before {what}:\n{slurm.output(job)}")
+        return condition()
+
+    slurm.wait_for(check, timeout, what, poll=0.3)
+
+
+def assert_finished_run(run: Path, epochs: int) -> dict:
+    assert epochs_of(run) == list(range(1, epochs + 1))
+    assert (run / "last.pt").is_file()
+    assert any((run / "checkpoints").iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epoch"] == epochs
+    return summary
+
+
+def test_train_sh_one_node(slurm, tmp_path, job_env, mnist_root):
+    run = tmp_path / "run"
+    job = submit(slurm, tmp_path, "slurm/train.sh", "configs/debug.yaml", f"run.dir={run}",
+                 f"data.root={mnist_root}", env=job_env)
+    record, output = finished(slurm, job)
+    assert (tmp_path / f"slurm-vae-{job}.out").is_file()  # the script's job name, in the output file name
+    assert f"job {job}" in output and f"run dir:    {run}" in output and "configs/debug.yaml" in output
+    assert "1 process on the CPU" in output
+    summary = assert_finished_run(run, epochs=1)
+    assert summary["num_processes"] == 1
+
+
+def test_train_multinode_sh_one_run_over_two_nodes(slurm, tmp_path, job_env, mnist_root):
+    run = tmp_path / "run"
+    job = submit(slurm, tmp_path, "slurm/train_multinode.sh", "configs/debug.yaml", f"run.dir={run}",
+                 f"data.root={mnist_root}", sbatch_args=["--nodes=2"], env=job_env)
+    record, output = finished(slurm, job)
+    assert record["NodeList"] == "n[1-2]"
+    # each node's launcher got its own machine rank, read on that node
+    assert "accelerate launch --machine_rank 0" in output and "accelerate launch --machine_rank 1" in output
+    summary = assert_finished_run(run, epochs=1)
+    assert summary["num_processes"] == 2
+    checksums = summary["param_checksum_per_rank"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]  # one DDP training, not two alone
+    for row in read_jsonl(run / "metrics.jsonl"):
+        assert len(row["samples_per_rank"]) == 2 and sum(row["samples_per_rank"]) == DEBUG_TRAIN_SIZE
+
+
+# The two ways a running job gets requeued. Each takes a minute (two starts, a requeue), so both run at once,
+# one per node, driven from threads; each test then checks its own.
+INTERRUPTIONS = {
+    # What Slurm does before a time limit with --signal=B:USR1@N: signal only the batch shell. The harness
+    # writes config.yaml once its signal handlers are in place; a moment later it is mid-epoch.
+    "usr1": (lambda run: (run / "config.yaml").is_file(), 1.5, ("scancel", "--signal=USR1", "--batch")),
+    # A requeue without warning (an admin, a failed node): Slurm sends SIGTERM to every process of the job.
+    # Sent once epoch 1 is in metrics.jsonl (and its checkpoint written).
+    "requeue": (lambda run: epochs_of_if_any(run) == [1], 0.0, ("scontrol", "requeue")),
+}
+
+
+def epochs_of_if_any(run: Path) -> list[int]:
+    try:
+        return epochs_of(run)
+    except (OSError, ValueError):
+        return []
+
+
+@pytest.fixture(scope="module")
+def interrupted(slurm, tmp_path_factory, mnist_root):
+    def drive(name: str) -> dict:
+        ready, delay, command = INTERRUPTIONS[name]
+        tmp = tmp_path_factory.mktemp(name)
+        run = tmp / "run"
+        job = submit(slurm, tmp, "slurm/train.sh", "configs/debug.yaml", f"run.dir={run}",
+                     f"data.root={mnist_root}", *LONG, env=_job_env())
+        wait_until(slurm, job, lambda: ready(run), f"{name}: the moment to interrupt")
+        time.sleep(delay)
+        slurm.run(*command, job)
+        record, output = finished(slurm, job, timeout=300)
+        return {"job": job, "run": run, "record": record, "output": output}
+
+    with ThreadPoolExecutor(len(INTERRUPTIONS)) as pool:
+        futures = {name: pool.submit(drive, name) for name in INTERRUPTIONS}
+        wait(futures.values())
+    return futures  # each test takes its own result (or failure) with .result()
+
+
+def test_usr1_checkpoints_requeues_and_resumes(interrupted):
+    result = interrupted["usr1"].result()
+    job, output = result["job"], result["output"]
+    assert result["record"]["Restarts"] == "1", output
+    assert "got SIGUSR1" in output  # the batch shell caught it...
+    assert "stopped by SIGUSR1" in output and f"requeued Slurm job {job}" in output  # ...python checkpointed
+    assert re.search(r"^resuming .* from step_\d+", output, re.MULTILINE), output
+    assert "| start 2 |" in output
+    assert_finished_run(result["run"], epochs=3)  # every epoch exactly once
+
+
+def test_scontrol_requeue_resumes_from_checkpoint(interrupted):
+    result = interrupted["requeue"].result()
+    output = result["output"]
+    assert result["record"]["Restarts"] == "1", output
+    assert "stopped by SIGTERM" in output  # the SIGTERM reached python, which saved where it was
+    assert re.search(r"^resuming .* from step_\d+", output, re.MULTILINE), output
+    assert "| start 2 |" in output
+    assert_finished_run(result["run"], epochs=3)
+
+
+def test_sweep_sh_job_array(slurm, tmp_path, job_env, mnist_root):
+    sweep_dir = tmp_path / "sweep"
+    env = {**job_env, "SWEEP_CONFIG": "configs/debug.yaml", "SWEEP_LIST": "model.z_dim=2;model.z_dim=3",
+           "SWEEP_DIR": str(sweep_dir)}
+    job = submit(slurm, tmp_path, "slurm/sweep.sh", f"data.root={mnist_root}", env=env,
+                 sbatch_args=["--array=0-1", "--gres=none"], output="slurm-%x-%A_%a.out")
+    records = slurm.wait(job, timeout=180)
+    output = slurm.output(job)
+    assert len(records) == 2 and all(r["JobState"] == "COMPLETED" for r in records), output
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["z_dim-2", "z_dim-3"]
+    for z in (2, 3):
+        run = sweep_dir / f"z_dim-{z}"
+        assert_finished_run(run, epochs=1)
+        assert f"z_dim: {z}" in (run / "config.yaml").read_text()
+    assert {p.name for p in tmp_path.glob("slurm-vae-sweep-*.out")} == {f"slurm-vae-sweep-{job}_{i}.out"
+                                                                          for i in (0, 1)}
