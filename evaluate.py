@@ -2,6 +2,7 @@
 
     python evaluate.py --ckpt runs/z2/last.pt
     python evaluate.py --ckpt runs/z2                  # a run directory: its best.pt, else last.pt
+    python evaluate.py --ckpt runs/z2 --wandb          # also into the run's W&B run (offline without a login)
     accelerate launch --multi_gpu --num_processes 4 evaluate.py --ckpt runs/z20/best.pt --iwae-k 5000
 """
 
@@ -22,13 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None, help="MNIST root (default: the checkpoint's data.root)")
     parser.add_argument("--cpu", action="store_true", help="use the CPU even when a GPU is present")
     parser.add_argument("--no-figures", action="store_true", help="metrics only")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the metrics and figures into the W&B run of the checkpoint's run directory")
     args = parser.parse_args(argv)
     try:
         from vae.evaluation import evaluate  # imported here so that --help and usage errors answer at once
 
         evaluate(args.ckpt, iwae_k=args.iwae_k, seed=args.seed, out=args.out, out_dir=args.out_dir,
                  batch_size=args.batch_size, cpu=args.cpu, data_root=args.data_root,
-                 figures=not args.no_figures)
+                 figures=not args.no_figures, wandb=args.wandb)
     except HarnessError as error:
         if is_rank_zero():
             print(f"error: {error}", file=sys.stderr)

@@ -29,6 +29,7 @@ def _env(extra: dict | None = None) -> dict:
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
     env.update({"PYTHONUNBUFFERED": "1", "TERM": "dumb"})
+    env.setdefault("WANDB_MODE", "offline")  # a logged-in developer machine must not upload test runs
     env.update(extra or {})
     return env
 

@@ -105,15 +105,48 @@ class RunConfig:
     """Run directory; defaults to runs/<name>. Re-running on the same directory resumes."""
 
 
+_WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in project names
+
+
 @dataclass(frozen=True, kw_only=True)
 class LogConfig:
     every_steps: int = 100
-    """Refresh the progress bar's loss (and check it is finite) every N optimisation steps."""
+    """Every N optimisation steps: refresh the progress bar's loss, check it is finite, and log train/* to W&B
+    (the mean over the images since the previous report, over all processes)."""
     figures: bool = True
     """Write the PNG figures (loss curve, reconstructions, samples, latent space) at the end of training."""
+    wandb: bool = True
+    """Track the run with Weights & Biases (through Accelerate). Without credentials or with WANDB_MODE=offline
+    it logs offline into <run dir>/wandb/ for a later `wandb sync`. false: wandb is never imported."""
+    project: str = "vae-mnist"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (user or team). None: your default entity."""
+    name: Optional[str] = None
+    """W&B run name. None: run.name."""
+    group: Optional[str] = None
+    """W&B run group, e.g. a sweep's name."""
+    tags: tuple[str, ...] = ()
+    """W&B run tags, e.g. [baseline, z2]."""
+    images_every_epochs: int = 1
+    """Log the figures (reconstructions, samples, latent space, manifold) and the latent table to W&B every N
+    epochs and after the last one. 0: never."""
+    checkpoint_artifacts: bool = False
+    """Upload the model file of every epoch to W&B as an artifact of type "model" (aliases latest, best)."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, "log.every_steps", ">= 1", self.every_steps)
+        _require(bool(self.project) and len(self.project) <= 128
+                 and not any(c in self.project for c in _WANDB_PROJECT_FORBIDDEN), "log.project",
+                 f"a W&B project name: 1 to 128 characters, none of {_WANDB_PROJECT_FORBIDDEN}", self.project)
+        for key in ("entity", "name", "group"):
+            value = getattr(self, key)
+            if value is not None:
+                _require(bool(value.strip()), f"log.{key}", "a non-empty string or null", value)
+        _require(all(1 <= len(tag) <= 64 for tag in self.tags), "log.tags",
+                 "a list of tags of 1 to 64 characters each", list(self.tags))
+        _require(self.images_every_epochs >= 0, "log.images_every_epochs", ">= 0 (0: never)",
+                 self.images_every_epochs)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,6 +6,7 @@ nothing is trained. gather_for_metrics drops the images Accelerate repeats to ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from matplotlib.figure import Figure
 
-from . import plots
+from . import plots, tracking
 from .checkpoint import CheckpointError, atomic_write_text, load_model_file
 from .config import Config, config_from_dict
 from .console import RunConsole
@@ -104,8 +105,9 @@ def model_figures(model: VAE, test_images: torch.Tensor, latents: torch.Tensor, 
 
 def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | Path | None = None,
              out_dir: str | Path | None = None, batch_size: int = 500, cpu: bool = False,
-             data_root: str | None = None, figures: bool = True) -> dict:
-    """Score a checkpoint on all 10,000 test images; main process writes JSON + figures. Returns the metrics."""
+             data_root: str | None = None, figures: bool = True, wandb: bool = False) -> dict:
+    """Score a checkpoint on all 10,000 test images; main process writes JSON + figures. Returns the metrics.
+    wandb: also log them into the W&B run of the checkpoint's run directory (see vae.tracking)."""
     if iwae_k < 1:
         raise HarnessError(f"--iwae-k: must be >= 1 (got {iwae_k})")
     if batch_size < 1:
@@ -113,7 +115,8 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
     started = time.perf_counter()
     path = resolve_checkpoint(ckpt)
     model, cfg, payload = load_model(path)
-    accelerator = Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    accelerator = Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              log_with=tracking.log_with(wandb))
     console = RunConsole(accelerator.is_main_process)
     if batch_size % accelerator.num_processes:
         raise HarnessError(f"--batch-size: must be divisible by the number of processes "
@@ -155,10 +158,10 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         out = Path(out) if out else out_dir / "metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(results, indent=1))
-        if figures:
-            for name, fig in model_figures(model, images, per_image["mu"], per_image["labels"],
-                                           accelerator.device).items():
-                plots.save(fig, out_dir / name)
+        drawn = model_figures(model, images, per_image["mu"], per_image["labels"], accelerator.device) \
+            if figures else {}
+        for name, fig in drawn.items():
+            plots.save(fig, out_dir / name)
         console.summary_table(f"{path} (epoch {payload.get('epoch')}), {metrics['n_images']} test images, "
                               f"nats per image", {
                                   "-ELBO (nelbo)": metrics["nelbo"], "recon": metrics["recon"], "kl": metrics["kl"],
@@ -166,5 +169,14 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
                                   "active units": f"{metrics['active_units']} / {cfg.model.z_dim}",
                                   "wall time (s)": results["wall_time_s"]})
         console.info(f"wrote {out}" + (f" and figures in {out_dir}" if figures else ""))
+    if wandb:
+        # Into the run directory's W&B run (its id is in <run dir>/wandb_run.json), after its last step.
+        tracker = tracking.Tracker.start(accelerator, console, log=dataclasses.replace(cfg.log, wandb=True),
+                                         run_name=cfg.run.name, run_dir=path.parent, config=None, resumed=True)
+        tracker.log_evaluation(results, drawn if accelerator.is_main_process else {}, per_image["mu"],
+                               per_image["labels"])
+        accelerator.wait_for_everyone()
+        tracker.end_training()
+        return results
     accelerator.wait_for_everyone()
     return results

@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
-from . import checkpoint, plots
+from . import checkpoint, plots, tracking
 from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_yaml
 from .console import RunConsole
 from .data import MNISTTensors, ensure_mnist, load_mnist, make_loader, to_unit_float
@@ -51,6 +51,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
             data_seed=cfg.train.seed,
         ),
         step_scheduler_with_optimizer=True,
+        log_with=tracking.log_with(cfg.log.wandb),  # None when log.wandb=false: wandb is never imported
     )
 
 
@@ -200,13 +201,18 @@ STOP_POLL_STEPS = 10  # with several processes, how often they agree on whether 
 
 def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerator, bar, *, epoch: int,
                     step: int, check_every: int, stop: StopRequest | None = None, skip_batches: int = 0,
-                    partial: dict | None = None) -> dict:
+                    partial: dict | None = None, tracker: tracking.Tracker | None = None) -> dict:
     """One pass over the training batches (the first `skip_batches` skipped, when resuming mid-epoch).
-    Returns the epoch's mean loss, or, if a stop was requested, where it stopped ("interrupted": True)."""
+    Returns the epoch's mean loss, or, if a stop was requested, where it stopped ("interrupted": True).
+    Every `check_every` steps: the finiteness check, the progress bar's loss and the train/* metrics."""
     model.train()
     partial = partial or {}
     loss_sum = torch.tensor(float(partial.get("loss_sum", 0.0)), dtype=torch.float64, device=accelerator.device)
     seen = int(partial.get("seen", 0))
+    # recon and KL summed over this rank's images since the epoch (re)started; a report covers the images since
+    # the previous one.
+    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    reported, reported_seen, reported_at = sums.clone(), seen, time.perf_counter()
     batches_done = skip_batches
     if skip_batches:
         loader = accelerator.skip_first_batches(loader, skip_batches)
@@ -225,17 +231,27 @@ def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerato
         scheduler.step()
         step += 1
         batches_done += 1
-        loss_sum += (recon + kl).detach().sum()
+        sums += torch.stack((recon, kl)).detach().sum(1)
         seen += len(x)
         bar.advance()
         if step % check_every == 0:
-            # Reduced over processes so that every rank reaches the same verdict and none waits alone.
-            current = accelerator.reduce((recon + kl).detach().mean(), reduction="mean").item()
+            # One all-reduce: every rank reaches the same verdict (none waits alone), and the numbers reported
+            # are per image over all processes' images since the last report.
+            window = torch.cat((sums - reported, sums.new_tensor([seen - reported_seen])))
+            recon_sum, kl_sum, images_seen = accelerator.reduce(window, reduction="sum").tolist()
+            now = time.perf_counter()
+            current = (recon_sum + kl_sum) / images_seen
             _stop_if_not_finite(current, epoch, step)
             bar.show_loss(current)
+            if tracker is not None:
+                tracker.log({"train/loss": current, "train/recon": recon_sum / images_seen,
+                             "train/kl": kl_sum / images_seen, "train/lr": scheduler.get_last_lr()[0],
+                             "train/samples_per_s": images_seen / max(now - reported_at, 1e-9)}, step=step)
+            reported, reported_seen, reported_at = sums.clone(), seen, now
         if stop is not None and _stop_agreed(stop, accelerator, step):
             interrupted = True
             break
+    loss_sum += sums.sum()
     if interrupted:
         return {"interrupted": True, "step": step, "batches_done": batches_done, "loss_sum": loss_sum.item(),
                 "seen": seen}
@@ -357,6 +373,21 @@ def write_figures(model: VAE, history: list[dict], test_images: torch.Tensor, ev
     return [plots.save(fig, out_dir / name) for name, fig in figures.items()]
 
 
+def track_epoch(tracker: tracking.Tracker, cfg: Config, model: VAE, row: dict, evaluation: dict,
+                test_images: torch.Tensor, device: torch.device, improved: bool) -> None:
+    """The epoch in W&B (main process): val/* against `epoch`; every log.images_every_epochs epochs the figures
+    (fixed test digits, fixed z) and the latent table; the model file as an artifact when asked."""
+    epoch, step = row["epoch"], row["step"]
+    tracker.log({"epoch": epoch, "train/epoch_loss": row["train/loss"], "val/loss": row["val/loss"],
+                 "val/recon": row["val/recon"], "val/kl": row["val/kl"]}, step=step)
+    if tracker.figures_due(cfg.log.images_every_epochs, epoch, cfg.train.epochs):
+        figures = model_figures(model, test_images, evaluation["latent_means"], evaluation["labels"], device)
+        tracker.log_figures(figures, evaluation["latent_means"], evaluation["labels"], epoch, step)
+    if cfg.log.checkpoint_artifacts:
+        tracker.log_model_file(cfg.run_dir / "last.pt", epoch=epoch, best=improved,
+                               metrics={k: v for k, v in row.items() if isinstance(v, (int, float))})
+
+
 def _param_checksum(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in model.parameters()))
 
@@ -431,6 +462,9 @@ def train(cfg: Config) -> dict:
         console.info(f"run directory {run_dir} | {accelerator.num_processes} process(es) on {accelerator.device} "
                      f"({accelerator.distributed_type}) | mixed precision {accelerator.mixed_precision} | "
                      f"global batch {cfg.train.batch_size} | {len(train_set)} train / {len(test_set)} test images")
+    tracker = tracking.Tracker.start(accelerator, console, log=cfg.log, run_name=cfg.run.name, run_dir=run_dir,
+                                     config=config_dict, resumed=resume)
+    tracker.define_epoch_metrics()
 
     try:
         evaluation = None
@@ -440,7 +474,7 @@ def train(cfg: Config) -> dict:
             with console.epoch_progress(epoch, cfg.train.epochs, steps_per_epoch) as bar:
                 trained = train_one_epoch(model, optimizer, scheduler, train_loader, accelerator, bar, epoch=epoch,
                                           step=step, check_every=cfg.log.every_steps, stop=stop,
-                                          skip_batches=skip_batches, partial=partial)
+                                          skip_batches=skip_batches, partial=partial, tracker=tracker)
             skip_batches, partial = 0, {}
             step = trained["step"]
             if trained["interrupted"]:
@@ -477,12 +511,17 @@ def train(cfg: Config) -> dict:
                 checkpoint.save_model_file(run_dir / "last.pt", raw_model, config_dict, epoch, metrics)
                 if improved:
                     checkpoint.save_model_file(run_dir / "best.pt", raw_model, config_dict, epoch, metrics)
+                track_epoch(tracker, cfg, raw_model, row, evaluation, test_images, accelerator.device, improved)
             stopping = _stop_agreed(stop, accelerator, step, every_step=True)
             if stopping or epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
                 saved = save_full_state(accelerator, run_dir, {"epoch": epoch + 1, "batches_done": 0, "step": step,
                                                                "best": best}, cfg.train.keep_checkpoints)
                 if stopping and epoch < cfg.train.epochs:
                     _stop_after_checkpoint(stop, accelerator, console, saved, epoch + 1, 0, steps_per_epoch)
+    except BaseException as error:
+        tracker.interrupted(preempted=stop.signal_name in ("SIGUSR1", "SIGTERM"),  # Slurm: resumed later
+                            exit_code=getattr(error, "exit_code", 1))
+        raise
     finally:
         stop.uninstall()
 
@@ -511,6 +550,10 @@ def train(cfg: Config) -> dict:
         checkpoint.atomic_write_text(run_dir / "summary.json", json.dumps(final, indent=1))
         console.summary_table(f"{run_dir}: done", {k: v for k, v in final.items()
                                                    if k not in ("param_checksum_per_rank", "run_dir")})
+        tracker.summary({**{k: v for k, v in final.items() if k not in ("train/loss", "param_checksum_per_rank",
+                                                                         "run_dir")},
+                         "train/epoch_loss": final["train/loss"],
+                         "train_time_s": sum(row["epoch_time_s"] for row in history)})  # over all restarts
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    tracker.end_training()  # accelerator.end_training(), a W&B failure there made a warning
     return final

@@ -1,0 +1,441 @@
+"""Weights & Biases through Accelerate's tracker API. The only module that knows wandb, and it imports it only
+inside functions: `import vae.training` and runs with log.wandb=false never load it.
+
+- One W&B run per run directory, across restarts: its id is kept in <run dir>/wandb_run.json, made on the first
+  start and reused (`resume="allow"`) whenever training resumes from a checkpoint there, so a requeued Slurm job
+  continues the same run. W&B's files go to <run dir>/wandb/.
+- Offline first: with WANDB_MODE=offline, or with no credentials found (WANDB_API_KEY, ~/.netrc from `wandb
+  login`, wandb's settings; looked up without network and without prompting), the run is written offline and
+  the exact `wandb sync` command is printed once. wandb cannot resume offline runs: each restart writes another
+  offline-run-*-<id> folder with the same id; `wandb sync --id <id> <folders>` uploads them oldest first into one
+  run. Steps never go backwards across the folders: steps an earlier start already logged are not logged again
+  (the last logged step is kept in wandb_run.json, at least every STEP_FILE_EVERY_S: after a kill -9 the steps of
+  those last seconds can be logged twice; W&B online keeps the first).
+- Never fatal: if W&B fails (wandb.init raising, or a log call raising mid-run), a warning is printed once and
+  training goes on without W&B; metrics.jsonl and the PNG files never depend on it.
+- Only the main process talks to W&B; on the others every method does nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import string
+import time
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write_text
+from .console import RunConsole
+
+RUN_FILE = "wandb_run.json"
+STEP_FILE_EVERY_S = 30.0  # how often the last logged step is written to RUN_FILE while training
+ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def log_with(enabled: bool) -> str | None:
+    """The `log_with` argument for Accelerator: "wandb", or None (then nothing imports wandb)."""
+    return "wandb" if enabled else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run directory's record of its W&B run
+
+
+def read_run_file(run_dir: Path) -> dict | None:
+    try:
+        data = json.loads((Path(run_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("id"), str) or not data["id"]:
+        return None
+    return data
+
+
+def _write_run_file(run_dir: Path, data: dict) -> None:
+    atomic_write_text(Path(run_dir) / RUN_FILE, json.dumps(data, indent=1) + "\n")
+
+
+def new_run_id() -> str:
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(8))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Which mode: online, offline, disabled (decided without network, never prompting)
+
+
+_data_dir_we_set: str | None = None
+
+
+def _stage_artifacts_in(run_dir: Path) -> None:
+    """wandb copies what it logs as artifacts (the model files, and each logged Table) into a staging folder, where
+    an offline run's `wandb sync` reads it later; by default that folder is in the home directory. Keep it in the
+    run directory (unless WANDB_DATA_DIR is set), so that the run directory holds all its sync needs. Before
+    wandb's settings are first read, which would otherwise warn about a changed environment."""
+    global _data_dir_we_set
+    current = os.environ.get("WANDB_DATA_DIR")
+    if current is None or current == _data_dir_we_set:
+        _data_dir_we_set = os.environ["WANDB_DATA_DIR"] = str((Path(run_dir) / "wandb" / "data").resolve())
+
+
+def _wandb_settings():
+    from wandb.sdk import wandb_setup
+
+    return wandb_setup.singleton().settings
+
+
+def _configured_mode() -> str | None:
+    """The mode the user chose, "offline" or "disabled" (WANDB_MODE, `wandb offline`); None: online."""
+    try:
+        settings = _wandb_settings()
+        if settings._noop:
+            return "disabled"
+        if settings._offline:
+            return "offline"
+        return None
+    except Exception:  # another wandb version: read the environment variable ourselves
+        mode = os.environ.get("WANDB_MODE", "").strip().lower()
+        return {"offline": "offline", "dryrun": "offline", "disabled": "disabled"}.get(mode)
+
+
+def has_credentials() -> bool:
+    """Whether wandb.init would find credentials without asking: WANDB_API_KEY (or an identity token file),
+    ~/.netrc (where `wandb login` stores the key) or wandb's settings. Never prompts, never uses the network."""
+    try:
+        from wandb.sdk.lib import wbauth
+
+        settings = _wandb_settings()
+        host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+        return wbauth.authenticate_session(host=host, source="vae", prompt=False, update_session=False) is not None
+    except Exception:  # another wandb version, or a key in an invalid format: look by hand
+        pass
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    import netrc
+    from urllib.parse import urlsplit
+
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc").expanduser()
+    try:
+        return bool(host) and netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The tracker
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+
+
+def _shown_path(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when below it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def figure_to_image(fig, caption: str | None = None):
+    """A matplotlib Figure as a wandb.Image (rendered to PNG here, so wandb never touches pyplot)."""
+    import wandb
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    buffer.seek(0)
+    return wandb.Image(Image.open(buffer), caption=caption)
+
+
+class Tracker:
+    """The W&B side of a training or evaluation. `Tracker.start(...)` never raises; every method is a no-op when
+    W&B is off, failed, or this is not the main process."""
+
+    def __init__(self, accelerator, console: RunConsole):
+        self.accelerator = accelerator
+        self.console = console
+        self.run = None  # the wandb Run while W&B works, on the main process
+        self.run_dir: Path | None = None
+        self.run_id: str | None = None
+        self.offline = False
+        self.logged_before = -1  # highest step logged by earlier starts of this run: not logged again
+        self.last_step = -1
+        self._step_written_at = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    # -- start ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, accelerator, console: RunConsole, *, log, run_name: str | None, run_dir: Path,
+              config: dict | None, resumed: bool) -> "Tracker":
+        """Start (or continue) the run directory's W&B run. `log` is the LogConfig; `resumed`: whether this
+        continues the run directory's training (then its W&B run id is reused, else a new one is made)."""
+        tracker = cls(accelerator, console)
+        if not (log.wandb and accelerator.is_main_process):
+            return tracker
+        if "wandb" not in [str(t) for t in getattr(accelerator, "log_with", [])]:
+            console.warn("log.wandb=true but wandb is not installed (or the Accelerator was made without "
+                         "log_with='wandb'): going on without W&B; pip install wandb, or pass log.wandb=false")
+            return tracker
+        try:
+            tracker._start(log, run_name, Path(run_dir), config, resumed)
+        except Exception as e:  # a bug or an unexpected wandb: W&B is optional, training is not
+            tracker._fail("W&B could not start", e)
+        return tracker
+
+    def _start(self, log, run_name, run_dir: Path, config, resumed: bool) -> None:
+        record = read_run_file(run_dir) if resumed else None
+        if resumed and record is None:
+            self.console.info(f"no W&B run recorded in {run_dir} ({RUN_FILE}): starting a new W&B run")
+        self.run_dir = run_dir
+        self.run_id = record["id"] if record else new_run_id()
+        self.logged_before = self.last_step = int(record.get("last_step", -1)) if record else -1
+        _write_run_file(run_dir, {"id": self.run_id, "project": log.project, "entity": log.entity,
+                                  "last_step": self.last_step})
+        _stage_artifacts_in(run_dir)
+        import wandb
+
+        configured = _configured_mode()
+        mode, why_offline = None, None
+        if configured is None and not has_credentials():
+            mode, why_offline = "offline", "no credentials found: `wandb login` or WANDB_API_KEY"
+        elif configured == "offline":
+            why_offline = "offline mode"
+        silence = not any(os.environ.get(v) for v in ("WANDB_SILENT", "WANDB_QUIET"))
+        init = {
+            "name": log.name or run_name,
+            "entity": log.entity,
+            "group": log.group,
+            "tags": list(log.tags) or None,
+            "dir": str(run_dir),
+            "id": self.run_id,
+            "resume": "allow",
+            # wandb's own banner and footer would interleave with the harness's output: the harness prints
+            # the run's address (or sync command) itself. wandb's warnings still show.
+            "settings": wandb.Settings(silent=True) if silence else None,
+        }
+        if mode:
+            init["mode"] = mode
+        try:
+            self._init(log.project, config, init)
+        except Exception as e:
+            if mode == "offline" or configured is not None:
+                self._fail("W&B could not start", e)
+                return
+            # Online failed (no network on a compute node, server down): keep the data offline instead.
+            self.console.warn(f"W&B could not start online ({_first_line(e)}); logging offline instead")
+            init["mode"], why_offline = "offline", "the online start failed"
+            try:
+                wandb.teardown()  # the failed attempt still holds the run id in wandb's service
+            except Exception:
+                pass
+            try:
+                self._init(log.project, config, init)
+            except Exception as e2:
+                self._fail("W&B could not start offline either", e2)
+                return
+        self.offline = bool(getattr(self.run.settings, "_offline", False)) or init.get("mode") == "offline"
+        self._announce(why_offline)
+
+    def _init(self, project: str, config: dict | None, init: dict) -> None:
+        try:
+            self.accelerator.init_trackers(project, config=config,
+                                           init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+        except Exception:
+            self._drop_accelerate_trackers()
+            raise
+        if run is None or not hasattr(run, "log"):
+            self._drop_accelerate_trackers()
+            raise RuntimeError("wandb.init returned no run")
+        self.run = run
+
+    def _announce(self, why_offline: str | None) -> None:
+        if self.run is None:
+            return
+        if getattr(self.run.settings, "_noop", False):
+            self.console.info("W&B disabled (WANDB_MODE=disabled)")
+            return
+        if self.offline:
+            self.console.info(f"W&B run {self.run_id} is logged offline ({why_offline or 'offline mode'}); upload "
+                              f"it later with: {self.sync_command()}")
+        else:
+            self.console.info(f"W&B run {self.run_id}: {self.run.url}")
+
+    def sync_command(self) -> str:
+        """The `wandb sync` command that uploads this run's offline folders (all of its starts, oldest first)."""
+        segments = sorted((self.run_dir / "wandb").glob(f"offline-run-*-{self.run_id}"))
+        if len(segments) <= 1:
+            here = segments[0] if segments else Path(self.run.settings.sync_dir)
+            return f"wandb sync {_shown_path(here)}"
+        pattern = _shown_path(self.run_dir / "wandb") + f"/offline-run-*-{self.run_id}"
+        return f"wandb sync --id {self.run_id} {pattern}"
+
+    # -- failures ------------------------------------------------------------------------------------------
+
+    def _drop_accelerate_trackers(self) -> None:
+        self.accelerator.trackers = [t for t in self.accelerator.trackers if getattr(t, "name", None) != "wandb"]
+
+    def _fail(self, what: str, error: BaseException) -> None:
+        """Warn once and go on without W&B."""
+        if self.run is not None or what.startswith("W&B could not start"):
+            self.console.warn(f"{what} ({_first_line(error)}); going on without W&B (metrics.jsonl and the "
+                              f"figures are written as usual)")
+        self.run = None
+        self._drop_accelerate_trackers()
+
+    def _guard(self, what: str, action) -> Any:
+        if self.run is None:
+            return None
+        try:
+            return action()
+        except Exception as e:
+            self._fail(f"W&B failed while {what}", e)
+            return None
+
+    # -- logging -------------------------------------------------------------------------------------------
+
+    def log(self, values: dict, step: int) -> None:
+        """accelerator.log at the global step; steps an earlier start of this run already logged are skipped
+        (they were trained again after a crash), so the history never goes backwards."""
+        if self.run is None or step <= self.logged_before:
+            return
+        self._guard("logging", lambda: self.accelerator.log(values, step=step))
+        if self.run is not None and step > self.last_step:
+            self.last_step = step
+            if time.monotonic() - self._step_written_at > STEP_FILE_EVERY_S:
+                self.save_step()
+
+    def save_step(self) -> None:
+        """Remember the last logged step in the run directory (read back when the run resumes)."""
+        if self.run_dir is None or self.run_id is None:
+            return
+        record = read_run_file(self.run_dir) or {"id": self.run_id}
+        if record.get("id") == self.run_id:
+            record["last_step"] = self.last_step
+            try:
+                _write_run_file(self.run_dir, record)
+            except OSError:
+                pass
+        self._step_written_at = time.monotonic()
+
+    def define_epoch_metrics(self) -> None:
+        """Epoch-level charts (val/*, the epoch's train loss, figures) use `epoch` as their x-axis."""
+        def define():
+            self.run.define_metric("epoch")
+            for pattern in ("val/*", "train/epoch_loss", "figures/*", "latent/*"):
+                self.run.define_metric(pattern, step_metric="epoch")
+        self._guard("defining metrics", define)
+
+    def figures_due(self, every: int, epoch: int, last_epoch: int) -> bool:
+        """Whether to draw and log the figures after this epoch: every `every` epochs and after the last one."""
+        return self.run is not None and every > 0 and (epoch % every == 0 or epoch == last_epoch)
+
+    def log_figures(self, figures: dict, latents, labels, epoch: int, step: int, prefix: str = "") -> None:
+        """figures: name.png -> matplotlib Figure (vae.evaluation.model_figures); latents [N, z] with labels [N]:
+        an interactive table (the latents, or their 2-D PCA projection when z > 2) and its scatter plot."""
+        if self.run is None or step <= self.logged_before:
+            return
+
+        def build() -> dict:
+            import wandb
+
+            from .plots import project_2d
+
+            values: dict[str, Any] = {f"{prefix}figures/{name.removesuffix('.png')}": figure_to_image(fig)
+                                      for name, fig in figures.items()}
+            points, xlabel, ylabel = project_2d(latents)
+            x, y = ("z0", "z1") if latents.shape[1] <= 2 else ("pc1", "pc2")
+            rows = [[a, b, int(c)] for (a, b), c in zip(points.tolist(), labels.cpu().tolist())]
+            table = wandb.Table(columns=[x, y, "digit"], data=rows)
+            values[f"{prefix}latent/means"] = wandb.plot.scatter(
+                table, x, y, title=f"Test set latent means, epoch {epoch} ({xlabel} vs {ylabel})")
+            if not prefix:
+                values["epoch"] = epoch
+            return values
+
+        values = self._guard("preparing the figures", build)
+        if values:
+            self.log(values, step)
+
+    def log_evaluation(self, results: dict, figures: dict, latents, labels) -> None:
+        """evaluate.py's numbers as eval/* (history row after the run's last step, and summary), its figures
+        as eval/figures/*, the latent table as eval/latent/means, and the KL of each latent dimension."""
+        if self.run is None:
+            return
+        step = self.last_step + 1
+        scalars = {f"eval/{key}": results[key] for key in ("nelbo", "recon", "kl", "iwae_nll", "active_units",
+                                                            "iwae_k", "checkpoint_epoch", "n_images")
+                   if isinstance(results.get(key), (int, float))}
+
+        def kl_chart() -> dict:
+            import wandb
+
+            table = wandb.Table(columns=["dimension", "kl"], data=[[i, v] for i, v in
+                                                                   enumerate(results["kl_per_dim"])])
+            return {"eval/kl_per_dim": wandb.plot.bar(table, "dimension", "kl", title="KL per latent dimension "
+                                                      "(nats per image); near 0: an inactive unit")}
+
+        chart = self._guard("preparing the KL chart", kl_chart) or {}
+        self.log({**scalars, **chart}, step)
+        if figures:
+            self.log_figures(figures, latents, labels, results.get("checkpoint_epoch") or 0, step, prefix="eval/")
+        self.summary({**scalars, "eval/kl_per_dim_values": results["kl_per_dim"],
+                      "eval/checkpoint": results["checkpoint"]})
+
+    def log_model_file(self, path: Path, *, epoch: int, best: bool, metrics: dict) -> None:
+        """One artifact version per epoch: aliases latest, epoch-N, and best when it is the best so far."""
+        if self.run is None:
+            return
+
+        def upload():
+            import wandb
+
+            artifact = wandb.Artifact(f"model-{self.run_id}", type="model",
+                                      metadata={"epoch": epoch, **metrics})
+            artifact.add_file(str(path), name="model.pt")
+            aliases = ["latest", f"epoch-{epoch}"] + (["best"] if best else [])
+            self.run.log_artifact(artifact, aliases=aliases)
+
+        self._guard("uploading the model file", upload)
+
+    def summary(self, values: dict) -> None:
+        if self.run is None:
+            return
+        self._guard("writing the summary", lambda: self.run.summary.update(values))
+
+    def interrupted(self, preempted: bool, exit_code: int) -> None:
+        """Training is leaving early (an exception): finish the W&B run with the process's exit code.
+        preempted: stopped by a signal to be resumed (Slurm preemption, time limit), which W&B then shows as
+        preempted rather than failed."""
+        if self.run is None:
+            return
+        if preempted:
+            self._guard("marking the run preempted", lambda: self.run.mark_preempting())
+        self.save_step()
+        self._guard("finishing the run", lambda: self.run.finish(exit_code=exit_code))
+        self.run = None
+        self._drop_accelerate_trackers()
+
+    def end_training(self) -> None:
+        """accelerator.end_training() on every process (finishes the W&B run, destroys the process group), with
+        a W&B failure at the end turned into a warning."""
+        if self.run is not None:
+            self.save_step()
+        try:
+            self.accelerator.end_training()
+        except Exception as e:
+            if self.run is None and not any(getattr(t, "name", None) == "wandb" for t in self.accelerator.trackers):
+                raise
+            self._fail("W&B failed while finishing the run", e)
+            self.accelerator.end_training()  # the process group still needs destroying
+        self.run = None
