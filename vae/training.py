@@ -208,7 +208,7 @@ def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerato
     model.train()
     partial = partial or {}
     loss_sum = torch.tensor(float(partial.get("loss_sum", 0.0)), dtype=torch.float64, device=accelerator.device)
-    seen = int(partial.get("seen", 0))
+    seen = started_seen = int(partial.get("seen", 0))
     # recon and KL summed over this rank's images since the epoch (re)started; a report covers the images since
     # the previous one.
     sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
@@ -255,13 +255,14 @@ def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerato
     if interrupted:
         return {"interrupted": True, "step": step, "batches_done": batches_done, "loss_sum": loss_sum.item(),
                 "seen": seen}
-    totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(float(seen), dtype=torch.float64,
-                                                                     device=loss_sum.device)]), reduction="sum")
+    # loss sum, images of the whole epoch, images trained by this start (fewer when resumed mid-epoch)
+    counts = torch.tensor([float(seen), float(seen - started_seen)], dtype=torch.float64, device=loss_sum.device)
+    totals = accelerator.reduce(torch.cat([loss_sum.reshape(1), counts]), reduction="sum")
     per_rank = accelerator.gather(torch.tensor([seen], device=accelerator.device)).tolist()
     mean_loss = (totals[0] / totals[1]).item()
     _stop_if_not_finite(mean_loss, epoch, step)
     return {"interrupted": False, "train/loss": mean_loss, "samples": int(totals[1].item()),
-            "samples_per_rank": per_rank, "step": step}
+            "samples_trained_now": int(totals[2].item()), "samples_per_rank": per_rank, "step": step}
 
 
 def _stop_agreed(stop: StopRequest, accelerator: Accelerator, step: int, every_step: bool = False) -> bool:
@@ -358,6 +359,8 @@ def _stop_after_checkpoint(stop: StopRequest, accelerator: Accelerator, console:
     if stop.signal_name == "SIGUSR1" and job:
         if accelerator.is_main_process:
             message += "; " + requeue_slurm_job(job)
+    elif job:  # SIGTERM from Slurm: scancel, preemption, a time limit, or its own requeue
+        message += "; if Slurm requeues the job it resumes from here, else submit the same command again"
     else:
         message += "; run the same command again to resume"
     accelerator.wait_for_everyone()
@@ -493,7 +496,7 @@ def train(cfg: Config) -> dict:
                 "val/loss": evaluation["val/loss"],
                 "val/recon": evaluation["val/recon"],
                 "val/kl": evaluation["val/kl"],
-                "samples_per_s": trained["samples"] / train_time,
+                "samples_per_s": trained["samples_trained_now"] / train_time,
                 "epoch_time_s": time.perf_counter() - epoch_started,
                 "lr": scheduler.get_last_lr()[0],
                 "samples_per_rank": trained["samples_per_rank"],
