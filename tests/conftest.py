@@ -31,7 +31,7 @@ def _env(extra: dict | None = None) -> dict:
     env.update({"PYTHONUNBUFFERED": "1", "TERM": "dumb"})
     env.setdefault("WANDB_MODE", "offline")  # a logged-in developer machine must not upload test runs
     env.update(extra or {})
-    return env
+    return {name: value for name, value in env.items() if value is not None}  # None in `extra`: unset it
 
 
 def run_cmd(args: list[str], timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

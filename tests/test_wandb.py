@@ -67,7 +67,9 @@ def _segment(run_dir: Path, index: int = 0):
 def offline_run(tmp_path_factory, mnist_root, no_credentials):
     run_dir = tmp_path_factory.mktemp("wandb") / "run"
     repo_wandb_before = (REPO / "wandb").exists()
-    result = python(*train_cmd(run_dir, mnist_root, *RUN_OVERRIDES), timeout=300)
+    # WANDB_MODE unset, as for a user who never ran `wandb login`: the harness itself must choose offline
+    # (no_credentials guarantees there is nothing to upload with).
+    result = python(*train_cmd(run_dir, mnist_root, *RUN_OVERRIDES), env={"WANDB_MODE": None}, timeout=300)
     assert_ok(result)
     if not repo_wandb_before:
         assert not (REPO / "wandb").exists(), "W&B wrote into the repository root"
