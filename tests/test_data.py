@@ -6,6 +6,8 @@ import torch
 from vae.data import MNIST_FILES, DataError, MNISTTensors, ensure_mnist, load_mnist, make_loader, raw_dir, \
     to_unit_float, verify_mnist
 
+from .conftest import python, train_cmd
+
 
 def _copy_mnist(src_root, dst_root):
     raw = raw_dir(dst_root)
@@ -23,13 +25,26 @@ def test_real_mnist_decodes_to_uint8_tensors(mnist_root):
     assert test_images.shape == (10000, 784)
 
 
-def test_checksum_mismatch_is_a_clear_error(mnist_root, tmp_path):
-    raw = _copy_mnist(mnist_root, tmp_path)
-    path = raw / "t10k-labels-idx1-ubyte"
+def _corrupt(path, offset: int, new: bytes) -> None:
     data = bytearray(path.read_bytes())
-    data[100] ^= 0xFF
+    data[offset:offset + len(new)] = new
     path.write_bytes(bytes(data))
-    with pytest.raises(DataError, match="fails its checksum.*delete it and run again"):
+
+
+# Same size as the real file, other content: each is caught by the md5 before anything decodes it.
+CORRUPTIONS = {
+    "a flipped byte": ("t10k-labels-idx1-ubyte", 100, b"\x7f"),
+    "a wrong magic number": ("train-images-idx3-ubyte", 0, (2051 + 1).to_bytes(4, "big")),  # 2051: idx3 uint8
+    "a label count that disagrees with the images": ("t10k-labels-idx1-ubyte", 4, (9999).to_bytes(4, "big")),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_a_changed_file_is_a_clear_error(mnist_root, tmp_path, corruption):
+    name, offset, new = CORRUPTIONS[corruption]
+    raw = _copy_mnist(mnist_root, tmp_path)
+    _corrupt(raw / name, offset, new)
+    with pytest.raises(DataError, match=f"{name} fails its checksum.*delete it and run again"):
         verify_mnist(tmp_path)
     # it is never used silently, even when the caller would download missing files
     with pytest.raises(DataError, match="fails its checksum"):
@@ -73,3 +88,13 @@ def test_a_batch_is_one_index_operation_and_floats_are_in_unit_range(mnist_root)
 def test_images_and_labels_must_agree():
     with pytest.raises(DataError, match="3 images but 2 labels"):
         MNISTTensors(torch.zeros(3, 784, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_train_py_says_which_data_file_is_bad_in_one_line(mnist_root, tmp_path):
+    raw = _copy_mnist(mnist_root, tmp_path / "data")
+    _corrupt(raw / "train-images-idx3-ubyte", 0, (2052).to_bytes(4, "big"))
+    result = python(*train_cmd(tmp_path / "run", tmp_path / "data", "log.wandb=false"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {raw / 'train-images-idx3-ubyte'} fails its checksum")
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,7 +1,10 @@
-"""Faults that really happen: kill -9, a second Ctrl-C, a dying DDP rank, a diverging loss, an unwritable run
-directory. Each is done for real to a real training process."""
+"""Faults that really happen: kill -9, a second Ctrl-C, a dying DDP rank, a diverging loss, a nan on one step, an
+unwritable run directory, a full disk. Each is done for real to a real training process (the nan on a chosen step
+through tests/fault_injection, since no config produces one on demand)."""
 
+import errno
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +15,7 @@ import torch
 
 from vae.checkpoint import complete_states, load_model_file
 
-from .conftest import REPO, VENV_BIN, _env, assert_ok, python, read_jsonl, train_cmd
+from .conftest import REPO, VENV_BIN, _env, accelerate_launch, assert_ok, python, read_jsonl, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +85,6 @@ def test_a_dying_rank_does_not_leave_the_other_hanging(tmp_path, mnist_root):
                "accelerate" not in open(f"/proc/{pid}/cmdline").read()]
     assert len(workers) == 2, ranks
     started = time.monotonic()
-    import os
     os.kill(max(workers), signal.SIGKILL)  # the later-started worker: rank 1
     process.communicate(timeout=180)
     assert process.returncode != 0
@@ -92,13 +94,73 @@ def test_a_dying_rank_does_not_leave_the_other_hanging(tmp_path, mnist_root):
                 timeout=60, what="both ranks to exit")
 
 
-def test_diverging_loss_stops_with_epoch_and_step_and_saves_nothing_broken(tmp_path, mnist_root):
+def test_diverging_loss_stops_keeps_the_last_good_checkpoint_and_a_lower_lr_resumes(tmp_path, mnist_root):
     run_dir = tmp_path / "nan"
-    result = python(*train_cmd(run_dir, mnist_root, "train.lr=1e12", "log.every_steps=5"))
-    assert result.returncode == 1
-    assert "training loss became" in result.stderr and "at epoch 1, step" in result.stderr
-    assert "Lower train.lr" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not complete_states(run_dir) and not (run_dir / "last.pt").exists()
+    assert_ok(python(*train_cmd(run_dir, mnist_root, "log.wandb=false")))  # epoch 1, healthy
+    good = complete_states(run_dir)
+    last_pt = (run_dir / "last.pt").read_bytes()
+
+    diverged = python(*train_cmd(run_dir, mnist_root, "log.wandb=false", "train.epochs=2", "train.lr=1e12",
+                                 "log.every_steps=5"))
+    assert diverged.returncode == 1
+    assert "training loss became" in diverged.stderr and "at epoch 2, step" in diverged.stderr
+    assert "Lower train.lr" in diverged.stderr and len(diverged.stderr.strip().splitlines()) == 1
+    assert complete_states(run_dir) == good and (run_dir / "last.pt").read_bytes() == last_pt
+    assert [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1]
+
+    # The advice works: the resumed optimizer takes the lowered learning rate, not the one saved with the state
+    lowered = python(*train_cmd(run_dir, mnist_root, "log.wandb=false", "train.epochs=2", "train.lr=5e-4"))
+    assert_ok(lowered)
+    assert "resumed with train.lr 0.001 -> 0.0005" in lowered.stdout
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [(row["epoch"], row["lr"]) for row in rows] == [(1, 1e-3), (2, 5e-4)]
+    assert rows[1]["val/loss"] < rows[0]["val/loss"]
+
+
+def _with_nonfinite_steps(spec: str) -> dict:
+    """Environment for a training whose loss is nan at the given steps (tests/fault_injection/sitecustomize.py)."""
+    return {"PYTHONPATH": f"{REPO / 'tests' / 'fault_injection'}:{REPO}", "VAE_TEST_NONFINITE_STEPS": spec}
+
+
+def test_a_transient_nan_is_skipped_within_the_skip_nonfinite_budget(tmp_path, mnist_root):
+    run_dir = tmp_path / "skip"
+    result = python(*train_cmd(run_dir, mnist_root, "log.wandb=false", "train.skip_nonfinite=2"),
+                    env=_with_nonfinite_steps("*:5,*:6"))
+    assert_ok(result)
+    for step in (5, 6):
+        assert f"training loss not finite at epoch 1, step {step}: update skipped" in result.stdout
+    row, = read_jsonl(run_dir / "metrics.jsonl")
+    assert row["skipped_steps"] == 2 and row["samples_per_rank"] == [2000 - 2 * 50]
+    assert torch.isfinite(torch.tensor([row["train/loss"], row["val/loss"]])).all()
+    weights = load_model_file(run_dir / "last.pt")["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_more_nonfinite_steps_than_the_budget_stop_and_default_stops_at_the_first(tmp_path, mnist_root):
+    over = python(*train_cmd(tmp_path / "over", mnist_root, "log.wandb=false", "train.skip_nonfinite=1"),
+                  env=_with_nonfinite_steps("*:5,*:6"))
+    assert over.returncode == 1
+    assert over.stderr.startswith("error: training loss was not finite at epoch 1, step 6, more than "
+                                  "train.skip_nonfinite=1 times") and len(over.stderr.strip().splitlines()) == 1
+    default = python(*train_cmd(tmp_path / "default", mnist_root, "log.wandb=false", "log.every_steps=5"),
+                     env=_with_nonfinite_steps("*:5"))
+    assert default.returncode == 1 and "training loss became nan at epoch 1, step 5" in default.stderr
+
+
+def test_a_nan_on_one_ddp_rank_is_skipped_by_both(tmp_path, mnist_root):
+    """Rank 1 alone sees nan: both ranks must skip the step together (neither waits in an all-reduce alone),
+    and end with the same parameters."""
+    run_dir = tmp_path / "ddp-skip"
+    result = accelerate_launch("--multi_gpu", "--num_processes", "2",
+                               *train_cmd(run_dir, mnist_root, "train.cpu=true", "log.wandb=false",
+                                          "train.skip_nonfinite=1"),
+                               env=_with_nonfinite_steps("1:7"), timeout=300)
+    assert_ok(result)
+    assert result.stdout.count("training loss not finite at epoch 1, step 7: update skipped") == 1
+    row, = read_jsonl(run_dir / "metrics.jsonl")
+    assert row["skipped_steps"] == 1 and row["samples_per_rank"] == [1000 - 25, 1000 - 25]
+    checksums = json.loads((run_dir / "summary.json").read_text())["param_checksum_per_rank"]
+    assert checksums[0] == checksums[1]
 
 
 def test_unwritable_run_directory_fails_before_training(tmp_path, mnist_root):
@@ -108,3 +170,91 @@ def test_unwritable_run_directory_fails_before_training(tmp_path, mnist_root):
     assert result.returncode == 1
     assert result.stderr.startswith("error: run directory") and "not writable" in result.stderr
     assert "epoch" not in result.stdout
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """make(mib): a real file system of that size (tmpfs) to put a run directory on. Needs root, as on CI."""
+    mounts = []
+
+    def make(mib: int):
+        where = tmp_path / f"disk{len(mounts)}"
+        where.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(where)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            reason = f"cannot mount a small tmpfs ({result.stderr.strip() or 'needs root'})"
+            if os.environ.get("CI"):
+                pytest.fail(reason)
+            pytest.skip(reason)
+        mounts.append(where)
+        return where
+
+    yield make
+    for where in mounts:
+        subprocess.run(["umount", "--lazy", str(where)], capture_output=True)
+
+
+def _fill(disk):
+    """Write into `disk` until it is full."""
+    with open(disk / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 2**20)
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_disk_too_small_for_the_run_is_refused_before_training(small_disk, mnist_root):
+    run_dir = small_disk(16) / "run"
+    result = python(*train_cmd(run_dir, mnist_root, "log.wandb=false"))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: run directory {run_dir} has ") and "MiB free, this run needs about" \
+        in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "epoch" not in result.stdout and not (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint_and_the_run_resumes(small_disk, mnist_root):
+    run_dir = small_disk(96) / "run"
+    args = train_cmd(run_dir, mnist_root, *LONG, "log.wandb=false")
+    process = _start(args)
+    _wait_until(lambda: complete_states(run_dir), what="the checkpoint of epoch 1")
+    _fill(run_dir.parent)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr
+    assert stderr.startswith("error: no space left on the device writing ") and len(stderr.strip().splitlines()) == 1
+    assert "the last complete checkpoint (step_00000400) is kept; free some space and run the same command" in stderr
+    assert [step for step, _ in complete_states(run_dir)] == [400]
+    assert not list((run_dir / "checkpoints").glob(".*")) and not list(run_dir.glob(".*.tmp-*"))  # no half-writes
+    assert load_model_file(run_dir / "last.pt")["epoch"] == 1
+
+    (run_dir.parent / "filler").unlink()
+    resumed = python(*args)
+    assert_ok(resumed)
+    assert "resuming" in resumed.stdout and "step_00000400" in resumed.stdout
+    assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_full_disk_is_told_apart_from_other_failures_of_other_writers(small_disk, tmp_path):
+    """accelerate's save_state writes with safetensors and torch.save, which report a full disk as their own
+    errors; the run still calls it a full disk (and nothing else one)."""
+    from safetensors.torch import save_file
+
+    from vae.checkpoint import as_disk_full, atomic_write_bytes
+
+    disk = small_disk(1)
+    tensors = {"w": torch.zeros(2**20)}  # 4 MiB
+    for write in (lambda: save_file(tensors, str(disk / "model.safetensors")),
+                  lambda: torch.save(tensors, disk / "optimizer.bin")):
+        with pytest.raises(Exception) as failure:
+            write()
+        for half_written in disk.iterdir():  # as save_full_state removes its partial directory
+            half_written.unlink()
+        disk_full = as_disk_full(failure.value, disk, room_needed=4 * 2**20)
+        assert isinstance(disk_full, OSError) and disk_full.errno == errno.ENOSPC, failure.value
+    with pytest.raises(OSError) as failure:  # the harness's own writes say it themselves, naming the file
+        atomic_write_bytes(disk / "last.pt", lambda f: torch.save(tensors, f))
+    assert failure.value.errno == errno.ENOSPC and failure.value.filename == str(disk / "last.pt")
+    assert list(disk.iterdir()) == []  # neither last.pt nor its temporary
+    assert as_disk_full(RuntimeError("unexpected pos 704 vs 598"), tmp_path, room_needed=4 * 2**20) is None

@@ -14,6 +14,8 @@ Every write is atomic: files are written under a temporary name and renamed; a f
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import pickle
@@ -50,19 +52,70 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(directory: Path) -> None:
+    """Give every file under `directory` the mode the user's umask gives new files. Some writers ignore it:
+    safetensors creates model.safetensors with mode 0600 whatever the umask, which would keep a group's shared
+    run directory from being read by the group."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(directory).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+                os.chmod(path, mode)
+        except OSError:
+            pass  # not ours (another user's rank on a shared file system): leave it as its writer made it
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call write(file) on a temporary file next to `path`, fsync it, then rename it over `path`."""
+    """Call write(file) on an in-memory buffer, then write that to a temporary file next to `path`, fsync it and
+    rename it over `path`. Buffered first because torch.save, writing straight into a file, turns a full disk
+    into an unrelated-looking RuntimeError; written from Python, a full disk is the OSError it is (ENOSPC)."""
     path = Path(path)
+    buffer = io.BytesIO()
+    write(buffer)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as f:
-            write(f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from e  # name the file the user knows, not the temporary
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def as_disk_full(error: BaseException, directory: Path, room_needed: int) -> OSError | None:
+    """The failure of a write into `directory` by another library (safetensors, torch.save to a path) as
+    OSError(ENOSPC) when a full disk is its cause: the library said so, or, with what it half-wrote removed,
+    there is less room left than the write needed. None when the disk is not the cause."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    if not isinstance(error, Exception):
+        return None
+    said_so = "No space left on device" in str(error) or "os error 28" in str(error)
+    try:
+        too_little = shutil.disk_usage(directory).free < room_needed
+    except OSError:
+        too_little = False
+    if said_so or too_little:
+        return OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

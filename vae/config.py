@@ -84,6 +84,10 @@ class TrainConfig:
     """How many full training states to keep (the newest ones); last.pt and best.pt are always kept."""
     compile: bool = False
     """torch.compile the model (opt-in: compilation time rarely pays for a model this small on a CPU)."""
+    skip_nonfinite: int = 0
+    """How many training steps with a non-finite (nan/inf) loss to skip, their update not applied, before
+    stopping. 0: stop at the first check that sees one (every log.every_steps steps). Above 0 the loss is checked
+    every step, which costs a device sync (and an all-reduce with several processes) per step."""
     num_threads: Optional[int] = None
     """CPU threads per process for torch. None: torch's default (or OMP_NUM_THREADS)."""
 
@@ -93,6 +97,7 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", "> 0", self.lr)
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        _require(self.skip_nonfinite >= 0, "train.skip_nonfinite", ">= 0", self.skip_nonfinite)
         if self.num_threads is not None:
             _require(self.num_threads >= 1, "train.num_threads", ">= 1 or null", self.num_threads)
 

@@ -66,18 +66,20 @@ def new_run_id() -> str:
 # Which mode: online, offline, disabled (decided without network, never prompting)
 
 
-_data_dir_we_set: str | None = None
+_dirs_we_set: dict[str, str] = {}
 
 
-def _stage_artifacts_in(run_dir: Path) -> None:
-    """wandb copies what it logs as artifacts (the model files, and each logged Table) into a staging folder, where
-    an offline run's `wandb sync` reads it later; by default that folder is in the home directory. Keep it in the
-    run directory (unless WANDB_DATA_DIR is set), so that the run directory holds all its sync needs. Before
-    wandb's settings are first read, which would otherwise warn about a changed environment."""
-    global _data_dir_we_set
-    current = os.environ.get("WANDB_DATA_DIR")
-    if current is None or current == _data_dir_we_set:
-        _data_dir_we_set = os.environ["WANDB_DATA_DIR"] = str((Path(run_dir) / "wandb" / "data").resolve())
+def _keep_wandb_files_in(run_dir: Path) -> None:
+    """Besides the run folders (wandb.init's dir), wandb writes into the home directory: a staging folder for what
+    it logs as artifacts (the model files, each logged Table), which an offline run's `wandb sync` reads later
+    (WANDB_DATA_DIR), and its service's logs and artifact cache (WANDB_CACHE_DIR). Keep both in the run's wandb/
+    folder, unless the user set them, so that the run directory holds everything the run wrote and sync needs.
+    Called before wandb's settings are first read, which would otherwise warn about a changed environment."""
+    wandb_dir = (Path(run_dir) / "wandb").resolve()
+    for variable, folder in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache")):
+        current = os.environ.get(variable)
+        if current is None or current == _dirs_we_set.get(variable):
+            _dirs_we_set[variable] = os.environ[variable] = str(wandb_dir / folder)
 
 
 def _wandb_settings():
@@ -201,7 +203,7 @@ class Tracker:
         self.logged_before = self.last_step = int(record.get("last_step", -1)) if record else -1
         _write_run_file(run_dir, {"id": self.run_id, "project": log.project, "entity": log.entity,
                                   "last_step": self.last_step})
-        _stage_artifacts_in(run_dir)
+        _keep_wandb_files_in(run_dir)
         import wandb
 
         configured = _configured_mode()

@@ -8,7 +8,9 @@ Accelerate is told to split each batch across the processes (`split_batches=True
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import platform
 import shutil
@@ -150,26 +152,86 @@ def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
     return sorted({row["epoch"]: row for row in rows}.values(), key=lambda r: r["epoch"])
 
 
-def _check_same_model(run_dir: Path, cfg: Config) -> None:
+def _saved_config(run_dir: Path) -> Config | None:
+    """The config of the run's last start (its config.yaml), or None when there is none or it does not load."""
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
-        return
+        return None
     import yaml
 
     try:
-        saved = config_from_dict(yaml.safe_load(saved_path.read_text()))
+        return config_from_dict(yaml.safe_load(saved_path.read_text()))
     except (HarnessError, yaml.YAMLError):
-        return  # unreadable: the checkpoint load below will say whether the state still fits
+        return None  # unreadable: the checkpoint load will say whether the state still fits
+
+
+def _check_resumable(run_dir: Path, cfg: Config) -> None:
+    """Settings a resumed run cannot change: the model (the state would not fit) and the learning-rate schedule
+    (the saved scheduler state is of the other kind)."""
+    saved = _saved_config(run_dir)
+    if saved is None:
+        return
     if saved.model != cfg.model:
         raise TrainingError(f"{run_dir} holds a run with a different model ({saved.model}); to train this one "
                             f"pass a new run.dir=..., or train.resume=false to move the old run aside")
+    if saved.train.lr_schedule != cfg.train.lr_schedule:
+        raise TrainingError(f"{run_dir} was trained with train.lr_schedule={saved.train.lr_schedule}, not "
+                            f"{cfg.train.lr_schedule}; resume with the same schedule, or pass a new run.dir=...")
+
+
+def _batch_order_settings(cfg: Config) -> dict:
+    """The settings that decide which images an epoch's batches hold, saved with a mid-epoch checkpoint."""
+    return {"train.batch_size": cfg.train.batch_size, "train.seed": cfg.train.seed,
+            "data.train_subset": cfg.data.train_subset}
+
+
+def _check_mid_epoch_resume(cfg: Config, state: dict) -> None:
+    """A run stopped mid-epoch goes on with the rest of that epoch's batches: only the same batch size, seed and
+    training subset give the same batches."""
+    saved = state.get("partial", {}).get("batch_order", {}) if state["batches_done"] else {}
+    for key, now in _batch_order_settings(cfg).items():
+        if key in saved and saved[key] != now:
+            raise TrainingError(f"the run stopped in the middle of epoch {state['epoch']} with {key}={saved[key]}; "
+                                f"resume with {key}={saved[key]} (change it once that epoch is done), or pass a "
+                                f"new run.dir=...")
+
+
+def _follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, console: RunConsole) -> None:
+    """A resumed optimizer and scheduler carry the learning rate and schedule length of the run's earlier start.
+    The config wins: a changed train.lr (e.g. lowered after the loss diverged) or train.epochs (the cosine
+    schedule's length) takes effect from the resumed step on. Nothing is touched when neither changed, so an
+    unchanged resume stays bit-exact."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
+    saved_lr = inner.base_lrs[0]
+    cosine = isinstance(inner, torch.optim.lr_scheduler.CosineAnnealingLR)
+    saved_length = inner.T_max if cosine else None
+    lr_changed = saved_lr != cfg.train.lr
+    length_changed = cosine and saved_length != total_steps
+    if not (lr_changed or length_changed):
+        return
+    inner.base_lrs = [cfg.train.lr] * len(inner.base_lrs)
+    if cosine:
+        inner.T_max = total_steps
+        progress = min(inner.last_epoch, total_steps) / total_steps
+        lr_now = inner.eta_min + (cfg.train.lr - inner.eta_min) * (1 + math.cos(math.pi * progress)) / 2
+    else:
+        lr_now = cfg.train.lr
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"] = cfg.train.lr, lr_now
+    inner._last_lr = [lr_now] * len(inner.base_lrs)
+    changes = []
+    if lr_changed:
+        changes.append(f"train.lr {saved_lr:g} -> {cfg.train.lr:g}")
+    if length_changed:
+        changes.append(f"cosine schedule over {total_steps} steps instead of {saved_length}")
+    console.info(f"resumed with {', '.join(changes)}: learning rate now {lr_now:g}")
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) -> tuple[bool, Path]:
     """Returns (resume?, run_dir). Moves an old run aside when resume=false."""
     run_dir = cfg.run_dir
     if checkpoint.complete_states(run_dir) and cfg.train.resume:
-        _check_same_model(run_dir, cfg)
+        _check_resumable(run_dir, cfg)
         return True, run_dir
     if accelerator.is_main_process and run_dir.exists() and any(run_dir.iterdir()):
         if not cfg.train.resume:
@@ -179,6 +241,43 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) 
             console.info(f"train.resume=false: moved the previous run to {moved}")
     accelerator.wait_for_everyone()
     return False, run_dir
+
+
+ROOM_FOR_LOGS_AND_FIGURES = 32 * 2**20  # metrics, PNGs, W&B's run files: a z2 run writes about 5 MiB of them
+
+
+def full_state_bytes(model: torch.nn.Module) -> int:
+    """About the size of one full training state: the float32 weights and Adam's two moments."""
+    return 3 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def space_needed(model: torch.nn.Module, cfg: Config) -> int:
+    """Bytes a run directory needs at its fullest: train.keep_checkpoints full states plus the one being written
+    before the oldest is pruned, last.pt and best.pt (weights only), the model files W&B stages for upload when
+    log.checkpoint_artifacts is on, and room for logs and figures."""
+    full_state = full_state_bytes(model)
+    weights = full_state // 3
+    staged = 2 * weights * cfg.train.epochs if cfg.log.wandb and cfg.log.checkpoint_artifacts else 0
+    return (cfg.train.keep_checkpoints + 1) * full_state + 2 * weights + staged + ROOM_FOR_LOGS_AND_FIGURES
+
+
+def _room_or_fail(run_dir: Path, needed: int) -> None:
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise TrainingError(f"run directory {run_dir} has {free / 2**20:.0f} MiB free, this run needs about "
+                            f"{needed / 2**20:.0f} MiB (checkpoints, model files, figures); free some space, "
+                            f"lower train.keep_checkpoints or pass run.dir=<a roomier path>")
+
+
+def _disk_full(error: BaseException, run_dir: Path) -> TrainingError | None:
+    """A write that failed for want of space, as the one-line error that says what is kept and what to do."""
+    if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return None
+    states = checkpoint.complete_states(run_dir)
+    kept = f"the last complete checkpoint ({states[-1][1].name}) is kept" if states else "no checkpoint was saved yet"
+    where = f" writing {error.filename}" if error.filename else ""
+    return TrainingError(f"no space left on the device{where}: {kept}; free some space and run the same command "
+                         f"again to resume")
 
 
 def _writable_or_fail(run_dir: Path) -> None:
@@ -201,7 +300,8 @@ STOP_POLL_STEPS = 10  # with several processes, how often they agree on whether 
 
 def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerator, bar, *, epoch: int,
                     step: int, check_every: int, stop: StopRequest | None = None, skip_batches: int = 0,
-                    partial: dict | None = None, tracker: tracking.Tracker | None = None) -> dict:
+                    partial: dict | None = None, tracker: tracking.Tracker | None = None,
+                    nonfinite: NonFiniteSteps | None = None) -> dict:
     """One pass over the training batches (the first `skip_batches` skipped, when resuming mid-epoch).
     Returns the epoch's mean loss, or, if a stop was requested, where it stopped ("interrupted": True).
     Every `check_every` steps: the finiteness check, the progress bar's loss and the train/* metrics."""
@@ -218,6 +318,7 @@ def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerato
         loader = accelerator.skip_first_batches(loader, skip_batches)
         bar.advance(skip_batches)
     interrupted = False
+    skipped_before = nonfinite.skipped if nonfinite is not None else 0
     for images, _ in loader:
         x = to_unit_float(images)
         logits, mu, logvar = model(x)
@@ -226,28 +327,33 @@ def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerato
         # processes, so each rank scales its share by N.
         loss = (recon + kl).sum() * accelerator.num_processes
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
+        if nonfinite is not None and nonfinite.limit and _not_finite_on_any_rank(loss, accelerator):
+            # Every rank skips this batch (none enters backward, so none waits in DDP's all-reduce alone).
+            nonfinite.skip(epoch, step + 1)
+        else:
+            accelerator.backward(loss)
+            optimizer.step()
+            sums += torch.stack((recon, kl)).detach().sum(1)
+            seen += len(x)
+        scheduler.step()  # the schedule follows batches, applied or skipped
         step += 1
         batches_done += 1
-        sums += torch.stack((recon, kl)).detach().sum(1)
-        seen += len(x)
         bar.advance()
         if step % check_every == 0:
             # One all-reduce: every rank reaches the same verdict (none waits alone), and the numbers reported
             # are per image over all processes' images since the last report.
             window = torch.cat((sums - reported, sums.new_tensor([seen - reported_seen])))
             recon_sum, kl_sum, images_seen = accelerator.reduce(window, reduction="sum").tolist()
-            now = time.perf_counter()
-            current = (recon_sum + kl_sum) / images_seen
-            _stop_if_not_finite(current, epoch, step)
-            bar.show_loss(current)
-            if tracker is not None:
-                tracker.log({"train/loss": current, "train/recon": recon_sum / images_seen,
-                             "train/kl": kl_sum / images_seen, "train/lr": scheduler.get_last_lr()[0],
-                             "train/samples_per_s": images_seen / max(now - reported_at, 1e-9)}, step=step)
-            reported, reported_seen, reported_at = sums.clone(), seen, now
+            if images_seen:  # 0 only when every step since the last report was skipped (train.skip_nonfinite)
+                now = time.perf_counter()
+                current = (recon_sum + kl_sum) / images_seen
+                _stop_if_not_finite(current, epoch, step)
+                bar.show_loss(current)
+                if tracker is not None:
+                    tracker.log({"train/loss": current, "train/recon": recon_sum / images_seen,
+                                 "train/kl": kl_sum / images_seen, "train/lr": scheduler.get_last_lr()[0],
+                                 "train/samples_per_s": images_seen / max(now - reported_at, 1e-9)}, step=step)
+                reported, reported_seen, reported_at = sums.clone(), seen, now
         if stop is not None and _stop_agreed(stop, accelerator, step):
             interrupted = True
             break
@@ -262,7 +368,8 @@ def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerato
     mean_loss = (totals[0] / totals[1]).item()
     _stop_if_not_finite(mean_loss, epoch, step)
     return {"interrupted": False, "train/loss": mean_loss, "samples": int(totals[1].item()),
-            "samples_trained_now": int(totals[2].item()), "samples_per_rank": per_rank, "step": step}
+            "samples_trained_now": int(totals[2].item()), "samples_per_rank": per_rank, "step": step,
+            "skipped": (nonfinite.skipped - skipped_before) if nonfinite is not None else 0}
 
 
 def _stop_agreed(stop: StopRequest, accelerator: Accelerator, step: int, every_step: bool = False) -> bool:
@@ -273,6 +380,31 @@ def _stop_agreed(stop: StopRequest, accelerator: Accelerator, step: int, every_s
         return False
     flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
     return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+class NonFiniteSteps:
+    """train.skip_nonfinite: how many training steps with a non-finite loss this start may skip (their update is
+    not applied) before it stops. 0, the default, stops at the first periodic check that sees one."""
+
+    def __init__(self, limit: int, console: RunConsole):
+        self.limit, self.skipped, self.console = limit, 0, console
+
+    def skip(self, epoch: int, step: int) -> None:
+        self.skipped += 1
+        if self.skipped > self.limit:
+            raise TrainingError(f"training loss was not finite at epoch {epoch}, step {step}, more than "
+                                f"train.skip_nonfinite={self.limit} times; the last good checkpoint is kept. Lower "
+                                f"train.lr (or check the data) and re-run to resume from it")
+        self.console.warn(f"training loss not finite at epoch {epoch}, step {step}: update skipped "
+                          f"({self.skipped} of at most {self.limit}, train.skip_nonfinite)")
+
+
+def _not_finite_on_any_rank(loss: torch.Tensor, accelerator: Accelerator) -> bool:
+    """One flag per step (a device sync, and an all-reduce under DDP: the price of train.skip_nonfinite)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bool(bad.item() > 0)
 
 
 def _stop_if_not_finite(value: float, epoch: int, step: int) -> None:
@@ -311,18 +443,29 @@ def evaluate_test_set(model, loader, accelerator: Accelerator) -> dict:
 # Checkpoints and figures
 
 
-def save_full_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict, keep: int) -> Path:
+def save_full_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict, keep: int,
+                    state_bytes: int) -> Path:
     """Every rank calls this. trainer_state says where to go on: epoch, batches_done in it, step, best, and the
-    partial epoch's loss sums when stopped mid-epoch."""
+    partial epoch's loss sums when stopped mid-epoch. state_bytes: about how much a state takes (to tell a full
+    disk from other failures)."""
     step = trainer_state["step"]
     partial = checkpoint.partial_state_dir(run_dir, step)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))  # every rank writes its own RNG state
+    try:
+        accelerator.save_state(str(partial))  # every rank writes its own RNG state
+    except BaseException as error:
+        if accelerator.is_main_process:  # e.g. the disk filled up: give the space back, keep the older states
+            shutil.rmtree(partial, ignore_errors=True)
+        disk_full = checkpoint.as_disk_full(error, run_dir, state_bytes)
+        if disk_full is not None and disk_full is not error:
+            raise disk_full from error
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        checkpoint.follow_umask(partial)
         checkpoint.commit_state(run_dir, step, trainer_state)
         checkpoint.prune_states(run_dir, keep)
     accelerator.wait_for_everyone()
@@ -443,18 +586,23 @@ def train(cfg: Config) -> dict:
 
     # Run directory: resume from the newest complete state, or start fresh.
     resume, run_dir = prepare_run_dir(cfg, accelerator, console)
+    state_bytes = full_state_bytes(raw_model)
     if main:
         _writable_or_fail(run_dir)
+        _room_or_fail(run_dir, space_needed(raw_model, cfg))
     accelerator.wait_for_everyone()
     start_epoch, step, skip_batches, partial = 1, 0, 0, {}
     best = {"val/loss": float("inf"), "epoch": None}
     if resume:
         resumed = resume_full_state(accelerator, run_dir, console)
+        _check_mid_epoch_resume(cfg, resumed)
+        _follow_config_lr(optimizer, scheduler, cfg, total_steps, console)
         start_epoch, step, skip_batches, best = (resumed["epoch"], resumed["step"], resumed["batches_done"],
                                                  resumed["best"])
         partial = resumed.get("partial", {})
     history = _read_metrics(run_dir / "metrics.jsonl", up_to_epoch=start_epoch - 1)
     config_dict = config_to_dict(cfg)
+    nonfinite = NonFiniteSteps(cfg.train.skip_nonfinite, console)
     stop = StopRequest().install()  # from here on, SIGTERM/SIGUSR1/Ctrl-C stop at a checkpoint
     if main:
         checkpoint.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
@@ -477,14 +625,16 @@ def train(cfg: Config) -> dict:
             with console.epoch_progress(epoch, cfg.train.epochs, steps_per_epoch) as bar:
                 trained = train_one_epoch(model, optimizer, scheduler, train_loader, accelerator, bar, epoch=epoch,
                                           step=step, check_every=cfg.log.every_steps, stop=stop,
-                                          skip_batches=skip_batches, partial=partial, tracker=tracker)
+                                          skip_batches=skip_batches, partial=partial, tracker=tracker,
+                                          nonfinite=nonfinite)
             skip_batches, partial = 0, {}
             step = trained["step"]
             if trained["interrupted"]:
                 saved = save_full_state(accelerator, run_dir, {
                     "epoch": epoch, "batches_done": trained["batches_done"], "step": step, "best": best,
-                    "partial": {"loss_sum": trained["loss_sum"], "seen": trained["seen"]}},
-                    cfg.train.keep_checkpoints)
+                    "partial": {"loss_sum": trained["loss_sum"], "seen": trained["seen"],
+                                "batch_order": _batch_order_settings(cfg)}},
+                    cfg.train.keep_checkpoints, state_bytes)
                 _stop_after_checkpoint(stop, accelerator, console, saved, epoch, trained["batches_done"],
                                        steps_per_epoch)
             train_time = time.perf_counter() - epoch_started
@@ -500,6 +650,7 @@ def train(cfg: Config) -> dict:
                 "epoch_time_s": time.perf_counter() - epoch_started,
                 "lr": scheduler.get_last_lr()[0],
                 "samples_per_rank": trained["samples_per_rank"],
+                "skipped_steps": trained["skipped"],
                 "val/n_images": evaluation["n_images"],
             }
             history.append(row)
@@ -518,12 +669,16 @@ def train(cfg: Config) -> dict:
             stopping = _stop_agreed(stop, accelerator, step, every_step=True)
             if stopping or epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
                 saved = save_full_state(accelerator, run_dir, {"epoch": epoch + 1, "batches_done": 0, "step": step,
-                                                               "best": best}, cfg.train.keep_checkpoints)
+                                                               "best": best}, cfg.train.keep_checkpoints,
+                                        state_bytes)
                 if stopping and epoch < cfg.train.epochs:
                     _stop_after_checkpoint(stop, accelerator, console, saved, epoch + 1, 0, steps_per_epoch)
     except BaseException as error:
         tracker.interrupted(preempted=stop.signal_name in ("SIGUSR1", "SIGTERM"),  # Slurm: resumed later
                             exit_code=getattr(error, "exit_code", 1))
+        disk_full = _disk_full(error, run_dir)
+        if disk_full is not None:
+            raise disk_full from None
         raise
     finally:
         stop.uninstall()

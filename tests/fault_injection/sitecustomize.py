@@ -1,0 +1,32 @@
+"""Fault injection for tests/test_faults.py, loaded by Python at start-up when this folder is on PYTHONPATH.
+
+VAE_TEST_NONFINITE_STEPS="1:5,1:6" makes the training loss of process rank 1 not finite (nan) at its training
+steps 5 and 6 (steps counted from 1 within this start; a rank given as * means every rank). Used to show what
+train.skip_nonfinite does with a transient nan, which no config can produce on demand.
+"""
+
+import os
+
+_spec = os.environ.get("VAE_TEST_NONFINITE_STEPS")
+if _spec:
+    import torch
+
+    import vae.model
+
+    _rank = os.environ.get("RANK", "0")
+    _steps = {int(step) for rank, step in (item.split(":") for item in _spec.split(",")) if rank in ("*", _rank)}
+    _original = vae.model.negative_elbo_terms
+    _calls = 0
+
+    def negative_elbo_terms(logits, x, mu, logvar):
+        """The real terms, with nan in the first image's reconstruction at the chosen training steps."""
+        global _calls
+        recon, kl = _original(logits, x, mu, logvar)
+        if torch.is_grad_enabled():  # training steps only, not the test-set pass
+            _calls += 1
+            if _calls in _steps:
+                first = torch.arange(len(recon), device=recon.device) == 0
+                recon = torch.where(first, torch.full_like(recon, float("nan")), recon)
+        return recon, kl
+
+    vae.model.negative_elbo_terms = negative_elbo_terms
