@@ -544,6 +544,16 @@ def _param_checksum(model: torch.nn.Module) -> float:
 
 def train(cfg: Config) -> dict:
     """Train (or resume) the run described by `cfg`; returns the final metrics."""
+    try:
+        return _train(cfg)
+    except OSError as error:  # any write, checkpoint or figure, that found the disk full
+        disk_full = _disk_full(error, cfg.run_dir)
+        if disk_full is not None:
+            raise disk_full from None
+        raise
+
+
+def _train(cfg: Config) -> dict:
     started = time.perf_counter()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -676,9 +686,6 @@ def train(cfg: Config) -> dict:
     except BaseException as error:
         tracker.interrupted(preempted=stop.signal_name in ("SIGUSR1", "SIGTERM"),  # Slurm: resumed later
                             exit_code=getattr(error, "exit_code", 1))
-        disk_full = _disk_full(error, run_dir)
-        if disk_full is not None:
-            raise disk_full from None
         raise
     finally:
         stop.uninstall()
