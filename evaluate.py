@@ -8,8 +8,8 @@
 
 import sys
 
-from vae.console import OneLineArgumentParser, is_rank_zero
-from vae.errors import HarnessError
+from vae.console import OneLineArgumentParser
+from vae.errors import run_entry_point
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,17 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb", action="store_true",
                         help="also log the metrics and figures into the W&B run of the checkpoint's run directory")
     args = parser.parse_args(argv)
-    try:
+
+    def evaluation_run() -> None:
         from vae.evaluation import evaluate  # imported here so that --help and usage errors answer at once
 
         evaluate(args.ckpt, iwae_k=args.iwae_k, seed=args.seed, out=args.out, out_dir=args.out_dir,
                  batch_size=args.batch_size, cpu=args.cpu, data_root=args.data_root,
                  figures=not args.no_figures, wandb=args.wandb)
-    except HarnessError as error:
-        if is_rank_zero():
-            print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_entry_point(evaluation_run, "the checkpoint is only read, never changed: run the same command again")
 
 
 if __name__ == "__main__":

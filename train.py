@@ -8,8 +8,8 @@ Everything else (defaults, what each key means) is in vae/config.py and the READ
 import sys
 
 from vae.config import load_config
-from vae.console import OneLineArgumentParser, is_rank_zero
-from vae.errors import HarnessError
+from vae.console import OneLineArgumentParser
+from vae.errors import run_entry_point
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,20 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="overrides applied after the YAML, e.g. train.epochs=5 model.z_dim=10")
     args = parser.parse_args(argv)
-    try:
+
+    def train_run() -> None:
         from vae.training import train  # imported here so that `--help` and config errors answer at once
 
         train(load_config(args.config, args.overrides))
-    except HarnessError as error:
-        if is_rank_zero():
-            print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:  # a second Ctrl-C: checkpoints are atomic, the last complete one is intact
-        if is_rank_zero():
-            print("error: interrupted; the last complete checkpoint is intact, run the same command to resume",
-                  file=sys.stderr)
-        return 130
-    return 0
+
+    # checkpoints are atomic: a second Ctrl-C leaves the last complete one intact
+    return run_entry_point(train_run, "the last complete checkpoint is intact, run the same command to resume")
 
 
 if __name__ == "__main__":

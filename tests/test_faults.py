@@ -86,9 +86,10 @@ def test_a_dying_rank_does_not_leave_the_other_hanging(tmp_path, mnist_root):
     assert len(workers) == 2, ranks
     started = time.monotonic()
     os.kill(max(workers), signal.SIGKILL)  # the later-started worker: rank 1
-    process.communicate(timeout=180)
+    _, stderr = process.communicate(timeout=180)
     assert process.returncode != 0
     assert time.monotonic() - started < 120
+    assert "[rank0]: Traceback" not in stderr, stderr  # rank 0 says in one line that it lost rank 1
     _wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and
                                 open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in workers),
                 timeout=60, what="both ranks to exit")
@@ -234,6 +235,23 @@ def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint_and_the_run_resumes
     assert_ok(resumed)
     assert "resuming" in resumed.stdout and "step_00000400" in resumed.stdout
     assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_a_disk_filling_up_under_ddp_is_one_line_from_each_process(small_disk, mnist_root):
+    """Only the main process writes; the other learns of its exit in the next all-reduce. Each says so in one
+    line (accelerate's launcher still adds its own report of the failed processes)."""
+    run_dir = small_disk(96) / "run"
+    launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+    process = _start(train_cmd(run_dir, mnist_root, "train.cpu=true", *LONG, "log.wandb=false"), launcher=launcher)
+    _wait_until(lambda: complete_states(run_dir), what="the checkpoint of epoch 1")
+    _fill(run_dir.parent)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode != 0
+    assert f"error: no space left on the device writing {run_dir / 'last.pt'}: the last complete checkpoint " \
+           f"(step_00000400) is kept" in stderr
+    assert "error: process rank 1 stopped: another process of this launch stopped first" in stderr
+    assert "[rank0]: Traceback" not in stderr and "[rank1]: Traceback" not in stderr
+    assert [step for step, _ in complete_states(run_dir)] == [400]
 
 
 def test_a_full_disk_is_told_apart_from_other_failures_of_other_writers(small_disk, tmp_path):

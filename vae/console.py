@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 from typing import Iterator
 
 from rich.console import Console
@@ -80,8 +79,3 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message}; usage: {self.format_usage().strip().removeprefix('usage: ')}\n")
-
-
-def is_rank_zero() -> bool:
-    """Before Accelerate exists: is this the process that should speak for the launch?"""
-    return os.environ.get("RANK", "0") in ("", "0")

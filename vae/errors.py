@@ -1,4 +1,17 @@
-"""The one exception type the entry points turn into a one-line message (and a non-zero exit) for the user."""
+"""The one exception type the entry points turn into a one-line message (and a non-zero exit) for the user, and
+the wrapper that does it for train.py and evaluate.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+# What a collective (all-reduce, barrier) raises when another process of the launch has died: gloo closes the
+# connection, NCCL aborts its communicator. torch.distributed's own error types say so by name.
+_LOST_PEER_TYPES = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
+_LOST_PEER_TEXT = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
+                   "ProcessGroupNCCL", "ProcessGroupGloo")
 
 
 class HarnessError(Exception):
@@ -9,3 +22,43 @@ class HarnessError(Exception):
     def __str__(self) -> str:
         # Messages quote user input (keys, values, paths); a newline in that input must not break the line.
         return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
+
+
+def is_rank_zero() -> bool:
+    """Before Accelerate exists: is this the process that should speak for the launch?"""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """With several processes, a collective that failed because another process stopped first (that one prints
+    its own reason): one line saying so, instead of this process's traceback. None for any other error."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or not isinstance(error, Exception):
+        return None
+    text = str(error).strip()
+    if type(error).__name__ not in _LOST_PEER_TYPES and not any(marker in text for marker in _LOST_PEER_TEXT):
+        return None
+    first = text.splitlines()[0] if text else type(error).__name__
+    return (f"process rank {os.environ.get('RANK', '?')} stopped: another process of this launch stopped first "
+            f"(its own error is printed above; here: {first[:160]})")
+
+
+def run_entry_point(body: Callable[[], object], interrupted: str) -> int:
+    """Run an entry point's work; every way it can fail that the user can act on ends as one `error:` line on
+    stderr and an exit code, never a traceback. Returns the exit code."""
+    try:
+        body()
+    except HarnessError as error:
+        if is_rank_zero():
+            print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run's own handler is installed
+        if is_rank_zero():
+            print(f"error: interrupted; {interrupted}", file=sys.stderr)
+        return 130
+    except Exception as error:
+        message = lost_peer(error)
+        if message is None:
+            raise  # a bug, not a user's problem: the traceback is what a report needs
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    return 0
