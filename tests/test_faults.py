@@ -254,6 +254,23 @@ def test_a_disk_filling_up_under_ddp_is_one_line_from_each_process(small_disk, m
     assert [step for step, _ in complete_states(run_dir)] == [400]
 
 
+def test_a_checkpoint_one_process_cannot_write_stops_every_process_in_one_line(tmp_path, mnist_root):
+    """Rank 1 fails to write its part of the full state, rank 0 succeeds: both learn it at once (no one waits for
+    the other), the half-written state is removed, rank 0 says which process failed and why."""
+    run_dir = tmp_path / "save-fails"
+    started = time.monotonic()
+    result = accelerate_launch("--multi_gpu", "--num_processes", "2",
+                               *train_cmd(run_dir, mnist_root, "train.cpu=true", "log.wandb=false",
+                                          "log.figures=false"),
+                               env={"PYTHONPATH": f"{REPO / 'tests' / 'fault_injection'}:{REPO}",
+                                    "VAE_TEST_SAVE_FAILS_ON_RANK": "1"}, timeout=300)
+    assert result.returncode != 0 and time.monotonic() - started < 240
+    assert "error: could not save the checkpoint of step 40: process rank 1: OSError: [Errno 28] No space left " \
+           "on device" in result.stderr
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
 def test_a_full_disk_is_told_apart_from_other_failures_of_other_writers(small_disk, tmp_path):
     """accelerate's save_state writes with safetensors and torch.save, which report a full disk as their own
     errors; the run still calls it a full disk (and nothing else one)."""

@@ -27,7 +27,7 @@ def _optimizer_and_scheduler(lr: float, cosine_steps: int | None, steps_taken: i
 def test_a_changed_lr_takes_effect_on_resume(capsys):
     optimizer, scheduler = _optimizer_and_scheduler(1e-3, None, steps_taken=40)
     cfg = load_config("configs/debug.yaml", ["train.lr=2e-4"])
-    _follow_config_lr(optimizer, scheduler, cfg, total_steps=40, console=RunConsole())
+    _follow_config_lr(optimizer, scheduler, cfg, total_steps=40, position=40, console=RunConsole())
     assert optimizer.param_groups[0]["lr"] == 2e-4 and scheduler.get_last_lr() == [2e-4]
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == 2e-4
@@ -37,7 +37,7 @@ def test_a_changed_lr_takes_effect_on_resume(capsys):
 def test_a_longer_cosine_run_follows_the_new_length():
     optimizer, scheduler = _optimizer_and_scheduler(1e-3, cosine_steps=80, steps_taken=40)
     cfg = load_config("configs/debug.yaml", ["train.lr_schedule=cosine", "train.epochs=4"])
-    _follow_config_lr(optimizer, scheduler, cfg, total_steps=160, console=RunConsole(enabled=False))
+    _follow_config_lr(optimizer, scheduler, cfg, total_steps=160, position=40, console=RunConsole(enabled=False))
     expected = 1e-3 * (1 + math.cos(math.pi * 40 / 160)) / 2
     assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
     for step in range(41, 161):  # the rest of the schedule is the one a 160-step run would have had
@@ -46,11 +46,25 @@ def test_a_longer_cosine_run_follows_the_new_length():
                                                                  rel=1e-9, abs=1e-15)
 
 
+def test_a_cosine_run_resumed_with_a_larger_batch_goes_on_from_the_same_fraction():
+    """4 epochs of 40 steps, stopped after epoch 2 (step 80), resumed with twice the batch: 20 steps per epoch,
+    so the run is half done at step 40 of 80, and the rest anneals from there to 0."""
+    optimizer, scheduler = _optimizer_and_scheduler(1e-3, cosine_steps=160, steps_taken=80)
+    cfg = load_config("configs/debug.yaml", ["train.lr_schedule=cosine", "train.epochs=4", "train.batch_size=100"])
+    _follow_config_lr(optimizer, scheduler, cfg, total_steps=80, position=40, console=RunConsole(enabled=False))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4, rel=1e-12)
+    rates = []
+    for _ in range(40):
+        scheduler.step()
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0, abs=1e-15)
+
+
 def test_an_unchanged_resume_is_left_exactly_as_saved():
     optimizer, scheduler = _optimizer_and_scheduler(1e-3, cosine_steps=80, steps_taken=33)
     before = (optimizer.param_groups[0]["lr"], scheduler.state_dict())
     cfg = load_config("configs/debug.yaml", ["train.lr_schedule=cosine", "train.epochs=2"])
-    _follow_config_lr(optimizer, scheduler, cfg, total_steps=80, console=RunConsole(enabled=False))
+    _follow_config_lr(optimizer, scheduler, cfg, total_steps=80, position=33, console=RunConsole(enabled=False))
     assert (optimizer.param_groups[0]["lr"], scheduler.state_dict()) == before
 
 

@@ -108,7 +108,8 @@ def as_disk_full(error: BaseException, directory: Path, room_needed: int) -> OSE
         return error
     if not isinstance(error, Exception):
         return None
-    said_so = "No space left on device" in str(error) or "os error 28" in str(error)
+    said_so = any(text in str(error) for text in ("No space left on device", "os error 28",
+                                                  "Disk quota exceeded", "os error 122"))
     try:
         too_little = shutil.disk_usage(directory).free < room_needed
     except OSError:

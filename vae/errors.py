@@ -7,11 +7,11 @@ import os
 import sys
 from typing import Callable
 
-# What a collective (all-reduce, barrier) raises when another process of the launch has died: gloo closes the
-# connection, NCCL aborts its communicator. torch.distributed's own error types say so by name.
-_LOST_PEER_TYPES = {"DistError", "DistBackendError", "DistNetworkError", "DistStoreError"}
-_LOST_PEER_TEXT = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted",
-                   "ProcessGroupNCCL", "ProcessGroupGloo")
+# What a collective (all-reduce, barrier) raises when another process of the launch has died: gloo's connection
+# is closed or reset, NCCL's communicator is aborted, the rendezvous store is gone. Only these: any other failure
+# of a collective (a timeout, a desync, a CUDA error) may be this process's own bug and keeps its traceback.
+_LOST_PEER_TYPES = {"DistNetworkError", "DistStoreError"}
+_LOST_PEER_TEXT = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
 
 
 class HarnessError(Exception):
@@ -24,9 +24,22 @@ class HarnessError(Exception):
         return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
 
 
+def first_line(error: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
+
+
 def is_rank_zero() -> bool:
     """Before Accelerate exists: is this the process that should speak for the launch?"""
     return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _speaks_for_its_node() -> bool:
+    """The first process of each node. An error every process raises alike (a config error, an agreed stop) is
+    printed once per node; one that only another node's processes hit (its local data root, its disk) still
+    reaches the user."""
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0")
 
 
 def lost_peer(error: BaseException) -> str | None:
@@ -37,9 +50,8 @@ def lost_peer(error: BaseException) -> str | None:
     text = str(error).strip()
     if type(error).__name__ not in _LOST_PEER_TYPES and not any(marker in text for marker in _LOST_PEER_TEXT):
         return None
-    first = text.splitlines()[0] if text else type(error).__name__
     return (f"process rank {os.environ.get('RANK', '?')} stopped: another process of this launch stopped first "
-            f"(its own error is printed above; here: {first[:160]})")
+            f"(its own error is printed above; here: {first_line(error)[:160]})")
 
 
 def run_entry_point(body: Callable[[], object], interrupted: str) -> int:
@@ -50,6 +62,8 @@ def run_entry_point(body: Callable[[], object], interrupted: str) -> int:
     except HarnessError as error:
         if is_rank_zero():
             print(f"error: {error}", file=sys.stderr)
+        elif _speaks_for_its_node():
+            print(f"error: (process rank {os.environ.get('RANK')}) {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the run's own handler is installed
         if is_rank_zero():

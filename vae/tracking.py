@@ -29,6 +29,7 @@ from typing import Any
 
 from .checkpoint import atomic_write_text
 from .console import RunConsole
+from .errors import first_line
 
 RUN_FILE = "wandb_run.json"
 STEP_FILE_EVERY_S = 30.0  # how often the last logged step is written to RUN_FILE while training
@@ -130,11 +131,6 @@ def has_credentials() -> bool:
 # The tracker
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(error).__name__
-
-
 def _shown_path(path: Path) -> str:
     """A path as the user would type it: relative to the working directory when below it."""
     path = Path(path)
@@ -234,7 +230,7 @@ class Tracker:
                 self._fail("W&B could not start", e)
                 return
             # Online failed (no network on a compute node, server down): keep the data offline instead.
-            self.console.warn(f"W&B could not start online ({_first_line(e)}); logging offline instead")
+            self.console.warn(f"W&B could not start online ({first_line(e)}); logging offline instead")
             init["mode"], why_offline = "offline", "the online start failed"
             try:
                 wandb.teardown()  # the failed attempt still holds the run id in wandb's service
@@ -290,7 +286,7 @@ class Tracker:
     def _fail(self, what: str, error: BaseException) -> None:
         """Warn once and go on without W&B."""
         if self.run is not None or what.startswith("W&B could not start"):
-            self.console.warn(f"{what} ({_first_line(error)}); going on without W&B (metrics.jsonl and the "
+            self.console.warn(f"{what} ({first_line(error)}); going on without W&B (metrics.jsonl and the "
                               f"figures are written as usual)")
         self.run = None
         self._drop_accelerate_trackers()

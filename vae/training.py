@@ -23,14 +23,14 @@ from pathlib import Path
 import accelerate
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 
 from . import checkpoint, plots, tracking
 from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_yaml
 from .console import RunConsole
 from .data import MNISTTensors, ensure_mnist, load_mnist, make_loader, to_unit_float
 from .evaluation import model_figures
-from .errors import HarnessError
+from .errors import HarnessError, first_line
 from .model import VAE, negative_elbo_terms
 from .preemption import EXIT_CODES, StopRequest, requeue_slurm_job, slurm_job_id
 
@@ -196,23 +196,27 @@ def _check_mid_epoch_resume(cfg: Config, state: dict) -> None:
                                 f"new run.dir=...")
 
 
-def _follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, console: RunConsole) -> None:
-    """A resumed optimizer and scheduler carry the learning rate and schedule length of the run's earlier start.
-    The config wins: a changed train.lr (e.g. lowered after the loss diverged) or train.epochs (the cosine
-    schedule's length) takes effect from the resumed step on. Nothing is touched when neither changed, so an
-    unchanged resume stays bit-exact."""
+def _follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, position: int,
+                      console: RunConsole) -> None:
+    """A resumed optimizer and scheduler carry the learning rate and schedule of the run's earlier start. The
+    config wins: a changed train.lr (e.g. lowered after the loss diverged), or for a cosine schedule a changed
+    length (train.epochs) or steps per epoch (train.batch_size, data.train_subset), takes effect from the resumed
+    step on. `position`: where the run resumes, in steps of this start's schedule. Nothing is touched when
+    nothing changed, so an unchanged resume stays bit-exact."""
     inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
     saved_lr = inner.base_lrs[0]
     cosine = isinstance(inner, torch.optim.lr_scheduler.CosineAnnealingLR)
-    saved_length = inner.T_max if cosine else None
+    saved_length, saved_position = (inner.T_max, inner.last_epoch) if cosine else (None, None)
     lr_changed = saved_lr != cfg.train.lr
-    length_changed = cosine and saved_length != total_steps
-    if not (lr_changed or length_changed):
+    schedule_changed = cosine and (saved_length, saved_position) != (total_steps, position)
+    if not (lr_changed or schedule_changed):
         return
     inner.base_lrs = [cfg.train.lr] * len(inner.base_lrs)
     if cosine:
-        inner.T_max = total_steps
-        progress = min(inner.last_epoch, total_steps) / total_steps
+        # The same fraction of the run done, in the new schedule's steps (the recursive form of
+        # CosineAnnealingLR carries on from the learning rate set here).
+        inner.T_max, inner.last_epoch = total_steps, position
+        progress = min(position, total_steps) / total_steps
         lr_now = inner.eta_min + (cfg.train.lr - inner.eta_min) * (1 + math.cos(math.pi * progress)) / 2
     else:
         lr_now = cfg.train.lr
@@ -222,8 +226,9 @@ def _follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, conso
     changes = []
     if lr_changed:
         changes.append(f"train.lr {saved_lr:g} -> {cfg.train.lr:g}")
-    if length_changed:
-        changes.append(f"cosine schedule over {total_steps} steps instead of {saved_length}")
+    if schedule_changed:
+        changes.append(f"cosine schedule at step {position} of {total_steps} (was {saved_position} of "
+                       f"{saved_length})")
     console.info(f"resumed with {', '.join(changes)}: learning rate now {lr_now:g}")
 
 
@@ -261,8 +266,21 @@ def space_needed(model: torch.nn.Module, cfg: Config) -> int:
     return (cfg.train.keep_checkpoints + 1) * full_state + 2 * weights + staged + ROOM_FOR_LOGS_AND_FIGURES
 
 
+def _bytes_held(run_dir: Path) -> int:
+    """What the run directory already holds of what space_needed counts (a resumed run reuses that room)."""
+    held = 0
+    for path in [run_dir / "last.pt", run_dir / "best.pt", *(run_dir / "checkpoints").rglob("*"),
+                 *(run_dir / "wandb" / "data").rglob("*")]:
+        try:
+            held += path.stat().st_size if path.is_file() else 0
+        except OSError:
+            pass
+    return held
+
+
 def _room_or_fail(run_dir: Path, needed: int) -> None:
     free = shutil.disk_usage(run_dir).free
+    needed = max(needed - _bytes_held(run_dir), ROOM_FOR_LOGS_AND_FIGURES)
     if free < needed:
         raise TrainingError(f"run directory {run_dir} has {free / 2**20:.0f} MiB free, this run needs about "
                             f"{needed / 2**20:.0f} MiB (checkpoints, model files, figures); free some space, "
@@ -454,16 +472,23 @@ def save_full_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    failure = None
     try:
         accelerator.save_state(str(partial))  # every rank writes its own RNG state
-    except BaseException as error:
-        if accelerator.is_main_process:  # e.g. the disk filled up: give the space back, keep the older states
+    except Exception as error:  # e.g. the disk filled up
+        failure = error
+    # Every rank learns whether any failed (no rank left waiting for one that gave up), and why.
+    reasons = gather_object([first_line(failure) if failure is not None else None])
+    if any(reasons):
+        if accelerator.is_main_process:  # give the space back; the older states stay as they were
             shutil.rmtree(partial, ignore_errors=True)
-        disk_full = checkpoint.as_disk_full(error, run_dir, state_bytes)
-        if disk_full is not None and disk_full is not error:
-            raise disk_full from error
-        raise
-    accelerator.wait_for_everyone()
+        if failure is not None:
+            disk_full = checkpoint.as_disk_full(failure, partial, state_bytes)
+            if disk_full is None or disk_full is failure:
+                raise failure  # a full disk (train() says so in one line), or a bug whose traceback a report needs
+            raise disk_full from failure
+        raise TrainingError(f"could not save the checkpoint of step {step}: " + "; ".join(
+            f"process rank {rank}: {reason}" for rank, reason in enumerate(reasons) if reason))
     if accelerator.is_main_process:
         checkpoint.follow_umask(partial)
         checkpoint.commit_state(run_dir, step, trainer_state)
@@ -480,10 +505,9 @@ def resume_full_state(accelerator: Accelerator, run_dir: Path, console: RunConso
         try:
             accelerator.load_state(str(directory))
         except Exception as e:  # damaged (e.g. killed while saving, truncated) or of another shape
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            failures.append(f"{directory.name}: {first[:200]}")
-            console.warn(f"cannot resume from {directory} ({type(e).__name__}: {first[:200]}); trying an older "
-                         f"checkpoint")
+            first = first_line(e)[:200]
+            failures.append(f"{directory.name}: {first}")
+            console.warn(f"cannot resume from {directory} ({first}); trying an older checkpoint")
             continue
         state = checkpoint.read_trainer_state(directory)
         where = f"epoch {state['epoch']}" + (f", batch {state['batches_done']}" if state["batches_done"] else "")
@@ -606,7 +630,8 @@ def _train(cfg: Config) -> dict:
     if resume:
         resumed = resume_full_state(accelerator, run_dir, console)
         _check_mid_epoch_resume(cfg, resumed)
-        _follow_config_lr(optimizer, scheduler, cfg, total_steps, console)
+        _follow_config_lr(optimizer, scheduler, cfg, total_steps,
+                          (resumed["epoch"] - 1) * steps_per_epoch + resumed["batches_done"], console)
         start_epoch, step, skip_batches, best = (resumed["epoch"], resumed["step"], resumed["batches_done"],
                                                  resumed["best"])
         partial = resumed.get("partial", {})

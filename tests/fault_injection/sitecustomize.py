@@ -1,11 +1,29 @@
 """Fault injection for tests/test_faults.py, loaded by Python at start-up when this folder is on PYTHONPATH.
+Faults no config can produce on demand, on one chosen process:
 
 VAE_TEST_NONFINITE_STEPS="1:5,1:6" makes the training loss of process rank 1 not finite (nan) at its training
-steps 5 and 6 (steps counted from 1 within this start; a rank given as * means every rank). Used to show what
-train.skip_nonfinite does with a transient nan, which no config can produce on demand.
+steps 5 and 6 (steps counted from 1 within this start; a rank given as * means every rank): what
+train.skip_nonfinite does with a transient nan.
+
+VAE_TEST_SAVE_FAILS_ON_RANK=1 makes process rank 1's part of every full checkpoint fail as a full disk would
+(OSError ENOSPC) while the other processes write theirs: how the processes agree on a failed save.
 """
 
 import os
+
+_failing_rank = os.environ.get("VAE_TEST_SAVE_FAILS_ON_RANK")
+if _failing_rank is not None and os.environ.get("RANK", "0") == _failing_rank:
+    import errno
+
+    import accelerate
+
+    _save_state = accelerate.Accelerator.save_state
+
+    def save_state(self, output_dir=None, *args, **kwargs):
+        """Fails after the real save began, as a disk filling up would."""
+        raise OSError(errno.ENOSPC, "No space left on device", os.path.join(str(output_dir), "random_states_1.pkl"))
+
+    accelerate.Accelerator.save_state = save_state
 
 _spec = os.environ.get("VAE_TEST_NONFINITE_STEPS")
 if _spec:
