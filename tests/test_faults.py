@@ -216,6 +216,14 @@ def test_a_disk_too_small_for_the_run_is_refused_before_training(small_disk, mni
     assert "epoch" not in result.stdout and not (run_dir / "metrics.jsonl").exists()
 
 
+def test_the_space_check_counts_what_a_resumed_run_already_holds(small_disk, mnist_root):
+    """A run that fits its disk can resume on it: the states it already holds are room it reuses."""
+    run_dir = small_disk(64) / "run"  # a fresh debug run needs about 60 MiB at its fullest
+    assert_ok(python(*train_cmd(run_dir, mnist_root, "log.wandb=false")))
+    assert_ok(python(*train_cmd(run_dir, mnist_root, "log.wandb=false", "train.epochs=3")))
+    assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint_and_the_run_resumes(small_disk, mnist_root):
     run_dir = small_disk(96) / "run"
     args = train_cmd(run_dir, mnist_root, *LONG, "log.wandb=false")

@@ -282,8 +282,8 @@ def _room_or_fail(run_dir: Path, needed: int) -> None:
     free = shutil.disk_usage(run_dir).free
     needed = max(needed - _bytes_held(run_dir), ROOM_FOR_LOGS_AND_FIGURES)
     if free < needed:
-        raise TrainingError(f"run directory {run_dir} has {free / 2**20:.0f} MiB free, this run needs about "
-                            f"{needed / 2**20:.0f} MiB (checkpoints, model files, figures); free some space, "
+        raise TrainingError(f"run directory {run_dir} has {free / 2**20:.1f} MiB free, this run needs about "
+                            f"{needed / 2**20:.1f} MiB (checkpoints, model files, figures); free some space, "
                             f"lower train.keep_checkpoints or pass run.dir=<a roomier path>")
 
 
