@@ -27,20 +27,15 @@ VENV=${VENV-"$SLURM_SUBMIT_DIR/.venv"}
 
 set -uo pipefail
 cd "$SLURM_SUBMIT_DIR" || exit 1
+# shellcheck source=slurm/common.sh
+source slurm/common.sh || exit 1
 export PYTHONUNBUFFERED=1
 
 if [[ $# -lt 1 || "$1" == -* ]]; then
   echo "usage: sbatch slurm/evaluate.sh RUN_DIR_OR_CHECKPOINT [evaluate.py options]" >&2
   exit 2
 fi
-if [[ -n "$VENV" ]]; then
-  if [[ ! -f "$VENV/bin/activate" ]]; then
-    echo "error: no Python environment at VENV=$VENV (make venv creates .venv; VENV= uses the python on PATH)" >&2
-    exit 1
-  fi
-  # shellcheck disable=SC1091
-  source "$VENV/bin/activate"
-fi
+activate_venv
 ckpt=$1
 shift
 

@@ -47,63 +47,21 @@ MAIN_PROCESS_IP=${MAIN_PROCESS_IP:-}
 
 set -uo pipefail
 cd "$SLURM_SUBMIT_DIR" || exit 1
+# shellcheck source=slurm/common.sh
+source slurm/common.sh || exit 1
 if [[ -z "${SLURM_JOB_NODELIST:-}" ]]; then
   echo "error: slurm/train_multinode.sh needs a Slurm allocation: sbatch --nodes=2 slurm/train_multinode.sh ..." >&2
   exit 1
 fi
 export PYTHONUNBUFFERED=1  # lines reach slurm-*.out as they are printed
 
-if [[ -n "$VENV" ]]; then
-  if [[ ! -f "$VENV/bin/activate" ]]; then
-    echo "error: no Python environment at VENV=$VENV (make venv creates .venv; VENV= uses the python on PATH)" >&2
-    exit 1
-  fi
-  # shellcheck disable=SC1091
-  source "$VENV/bin/activate"  # srun passes the environment on: every node uses this env
-fi
+activate_venv  # srun passes the environment on: every node uses this env
 
-# [CONFIG] [overrides...]: a first argument without '=' is the config file.
-if [[ $# -gt 0 && "$1" != *=* ]]; then
-  CONFIG=$1
-  shift
-fi
-overrides=()
-[[ -n "$RUN_DIR" ]] && overrides+=("run.dir=$RUN_DIR")
-overrides+=("$@")
+take_config_and_overrides "$@"  # sets CONFIG and overrides
 
-# The run directory as the harness will resolve it; this also stops a bad config here, in one line.
-resolve_run_dir() {
-  python - "$CONFIG" "$@" <<'PY'
-import sys
-try:
-    from vae.config import load_config
-    from vae.errors import HarnessError
-except Exception as e:  # an older/newer harness: just do not show it
-    print("?"); sys.exit(0)
-try:
-    print(load_config(sys.argv[1], sys.argv[2:]).run_dir.resolve())
-except HarnessError as e:
-    print(f"error: {e}", file=sys.stderr); sys.exit(2)
-PY
-}
 run_dir=$(resolve_run_dir "${overrides[@]}") || exit 2
 
-gpus_in_allocation() {
-  if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
-    echo "$SLURM_GPUS_ON_NODE"
-  elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" != "NoDevFiles" ]]; then
-    tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true
-  elif command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-  else
-    echo 0
-  fi
-}
-GPUS_PER_NODE=${GPUS_PER_NODE:-$(gpus_in_allocation)}
-if ! [[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]]; then
-  echo "error: GPUS_PER_NODE must be a whole number (got '$GPUS_PER_NODE')" >&2
-  exit 1
-fi
+settle_gpus_per_node
 nodes=${SLURM_NNODES:-1}
 if (( GPUS_PER_NODE > 0 )); then
   per_node=$GPUS_PER_NODE
@@ -163,11 +121,6 @@ forward() {
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
-# `wait` returns early whenever a trapped signal arrives; wait again until srun is really gone.
-while true; do
-  wait "$step"
-  rc=$?
-  kill -0 "$step" 2>/dev/null || break
-done
+wait_for "$step"  # sets rc
 echo "$(date '+%F %T') slurm/train_multinode.sh: training exited with code $rc"
 exit "$rc"

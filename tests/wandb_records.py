@@ -124,20 +124,13 @@ def read_wandb_file(path: str | Path) -> OfflineRun:
             r = record.run
             run.run_id, run.project, run.entity = r.run_id, r.project, r.entity
             run.display_name, run.group, run.tags = r.display_name, r.run_group, list(r.tags)
-            for item in r.config.update:
-                run.config[_item_key(item)] = _item_value(item)
+            _apply(run.config, r.config)
         elif kind == "config":
-            for item in record.config.update:
-                run.config[_item_key(item)] = _item_value(item)
-            for item in record.config.remove:
-                run.config.pop(_item_key(item), None)
+            _apply(run.config, record.config)
         elif kind == "history":
             run.history.append({_item_key(item): _item_value(item) for item in record.history.item})
         elif kind == "summary":
-            for item in record.summary.update:
-                run.summary[_item_key(item)] = _item_value(item)
-            for item in record.summary.remove:
-                run.summary.pop(_item_key(item), None)
+            _apply(run.summary, record.summary)
         elif kind == "metric":
             m = record.metric
             name = m.name or m.glob_name
@@ -163,6 +156,14 @@ def wandb_file(offline_run_dir: str | Path) -> Path:
 def offline_run_dirs(run_dir: str | Path) -> list[Path]:
     """The offline-run-* folders under <run_dir>/wandb, oldest first (their names start with a timestamp)."""
     return sorted(p for p in (Path(run_dir) / "wandb").glob("offline-run-*") if p.is_dir())
+
+
+def _apply(target: dict, change) -> None:
+    """A config or summary record's `update` and `remove` items, applied to `target`."""
+    for item in change.update:
+        target[_item_key(item)] = _item_value(item)
+    for item in change.remove:
+        target.pop(_item_key(item), None)
 
 
 def read_offline_run(offline_run_dir: str | Path) -> OfflineRun:

@@ -1,0 +1,76 @@
+# Shared by the Slurm scripts (sourced, not submitted). Slurm runs a copy of the submitted script from its spool
+# directory, so the scripts source this file from the repository: "$SLURM_SUBMIT_DIR/slurm/common.sh" (submit
+# from the repository's root, as the scripts' usage lines show).
+
+# Activate $VENV unless it is empty (then the python on PATH is used: modules, conda).
+activate_venv() {
+  [[ -z "$VENV" ]] && return 0
+  if [[ ! -f "$VENV/bin/activate" ]]; then
+    echo "error: no Python environment at VENV=$VENV (make venv creates .venv; VENV= uses the python on PATH)" >&2
+    exit 1
+  fi
+  # shellcheck disable=SC1091
+  source "$VENV/bin/activate"
+}
+
+# The scripts' arguments, [CONFIG] [section.key=value ...]: a first argument without '=' is the config file (it
+# replaces CONFIG); sets the array `overrides` (with run.dir=$RUN_DIR first when RUN_DIR is set).
+take_config_and_overrides() {
+  if [[ $# -gt 0 && "$1" != *=* ]]; then
+    CONFIG=$1
+    shift
+  fi
+  overrides=()
+  [[ -n "$RUN_DIR" ]] && overrides+=("run.dir=$RUN_DIR")
+  overrides+=("$@")
+}
+
+# The run directory as the harness will resolve it from CONFIG and the overrides given; this also stops a bad
+# config here, in one line.
+resolve_run_dir() {
+  python - "$CONFIG" "$@" <<'PY'
+import sys
+try:
+    from vae.config import load_config
+    from vae.errors import HarnessError
+except Exception as e:  # an older/newer harness: just do not show it
+    print("?"); sys.exit(0)
+try:
+    print(load_config(sys.argv[1], sys.argv[2:]).run_dir.resolve())
+except HarnessError as e:
+    print(f"error: {e}", file=sys.stderr); sys.exit(2)
+PY
+}
+
+# GPUs Slurm gave this job on this node (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES; nvidia-smi where Slurm does
+# not manage GPUs); 0 without any.
+gpus_in_allocation() {
+  if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+    echo "$SLURM_GPUS_ON_NODE"
+  elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" != "NoDevFiles" ]]; then
+    tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+
+# Sets GPUS_PER_NODE (the user's, else the allocation's) and checks it.
+settle_gpus_per_node() {
+  GPUS_PER_NODE=${GPUS_PER_NODE:-$(gpus_in_allocation)}
+  if ! [[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]]; then
+    echo "error: GPUS_PER_NODE must be a whole number (got '$GPUS_PER_NODE')" >&2
+    exit 1
+  fi
+}
+
+# Waits for the background job $1 and sets rc to its exit code. `wait` returns early whenever a trapped signal
+# arrives; wait again until the job is really gone.
+wait_for() {
+  while true; do
+    wait "$1"
+    rc=$?
+    kill -0 "$1" 2>/dev/null || break
+  done
+}
