@@ -85,6 +85,13 @@ def test_round_trip_through_a_plain_dict():
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
+def test_a_bare_no_is_the_mixed_precision_setting_not_false(tmp_path):
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+
+
 def test_parse_override_reads_yaml_values():
     assert parse_override("model.hidden=[1, 2]") == ("model.hidden", [1, 2])
     assert parse_override("train.mixed_precision=null") == ("train.mixed_precision", None)
@@ -95,6 +102,8 @@ def test_parse_override_reads_yaml_values():
     (["--config", "configs/missing.yaml"], "error: config file 'configs/missing.yaml' not found"),
     (["--config", "configs/debug.yaml", "--bogus"], "error: unrecognized arguments: --bogus"),
     ([], "error: the following arguments are required: --config"),
+    (["--config", "configs/debug.yaml", "train.cuda_graph=true", "log.wandb=false"],
+     "error: train.cuda_graph: needs a CUDA device (this run is on cpu); set train.cuda_graph=false"),
 ])
 def test_train_cli_errors_are_one_line_without_traceback(argv, expected):
     result = python("train.py", *argv)

@@ -84,6 +84,9 @@ class TrainConfig:
     """How many full training states to keep (the newest ones); last.pt and best.pt are always kept."""
     compile: bool = False
     """torch.compile the model (opt-in: compilation time rarely pays for a model this small on a CPU)."""
+    cuda_graph: bool = False
+    """Capture the whole training step (forward, backward, Adam) as one CUDA graph and replay it: far fewer
+    launches for a model this small. One GPU, fp32 or bf16; the last, short batch of an epoch runs eagerly."""
     skip_nonfinite: int = 0
     """How many training steps with a non-finite (nan/inf) loss to skip, their update not applied, before
     stopping. 0: stop at the first check that sees one (every log.every_steps steps). Above 0 the loss is checked
@@ -197,6 +200,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         except ConfigError:
             raise wrong from None
     if origin is Literal:
+        if value is False and "no" in typing.get_args(tp):
+            return "no"  # YAML 1.1 reads a bare `no` (mixed_precision: no) as false
         if value in typing.get_args(tp) and type(value) is not bool:
             return value
         raise wrong
