@@ -3,7 +3,7 @@ import shutil
 import pytest
 import torch
 
-from vae.data import MNIST_FILES, DataError, MNISTTensors, ensure_mnist, load_mnist, make_loader, raw_dir, \
+from vae.data import MNIST_FILES, DataError, EpochBatches, MNISTTensors, ensure_mnist, load_mnist, make_loader, raw_dir, \
     to_unit_float, verify_mnist
 
 from .conftest import python, train_cmd
@@ -98,3 +98,28 @@ def test_train_py_says_which_data_file_is_bad_in_one_line(mnist_root, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: {raw / 'train-images-idx3-ubyte'} fails its checksum")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _epoch_batches(world: int, rank: int, count: int = 1030, batch_size: int = 50, epoch: int = 1, start: int = 0):
+    batches = EpochBatches(torch.arange(count), batch_size, seed=7, rank=rank, world=world)
+    return [(indices.tolist(), size, share) for indices, size, share in batches.epoch(epoch, start)]
+
+
+@pytest.mark.parametrize("world", [1, 3, 64])
+def test_processes_share_each_global_batch_without_repeats(world):
+    alone = _epoch_batches(1, 0)
+    shares = [_epoch_batches(world, rank) for rank in range(world)]
+    assert [size for _, size, _ in alone] == [50] * 20 + [30]  # the last batch short, never padded
+    for batch, (indices, size, _) in enumerate(alone):
+        # the processes' shares, in rank order, are exactly the 1-process batch (64 > 50: some shares are empty)
+        assert sum((s[batch][0] for s in shares), []) == indices
+        assert [s[batch][2] for s in shares] == sorted(s[batch][2] for s in shares)
+    every = sum((indices for rank in shares for indices, _, _ in rank), [])
+    assert sorted(every) == list(range(1030))  # each image once per epoch
+
+
+def test_the_order_depends_on_seed_and_epoch_only_and_resumes_mid_epoch():
+    first, again, second = _epoch_batches(1, 0), _epoch_batches(1, 0), _epoch_batches(1, 0, epoch=2)
+    assert first == again and first != second
+    assert _epoch_batches(1, 0, start=5) == first[5:]
+    assert len(EpochBatches(torch.arange(1030), 50, seed=7)) == 21

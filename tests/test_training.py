@@ -63,19 +63,34 @@ def test_same_seed_same_result_on_cpu(tmp_path, mnist_root):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_process_ddp_on_cpu_is_one_training(tmp_path, mnist_root):
-    run_dir = tmp_path / "ddp"
-    result = accelerate_launch("--multi_gpu", "--num_processes", "2",
-                               *train_cmd(run_dir, mnist_root, "train.cpu=true", "log.figures=false"))
+def test_three_processes_train_the_same_model_as_one(tmp_path, mnist_root):
+    # 1,030 images at batch 50: 20 global batches split 17/17/16 over 3 processes, and a short last one of 30
+    # (10 each). No batch is padded with repeats, and each image gets the noise it gets in a 1-process run.
+    settings = ("log.figures=false", "data.train_subset=1030", "log.every_steps=7")
+    alone, ddp = tmp_path / "alone", tmp_path / "ddp"
+    assert_ok(python(*train_cmd(alone, mnist_root, *settings)))
+    result = accelerate_launch("--multi_gpu", "--num_processes", "3",
+                               *train_cmd(ddp, mnist_root, "train.cpu=true", *settings))
     assert_ok(result)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["num_processes"] == 2
-    first, second = summary["param_checksum_per_rank"]
-    assert first == second  # both ranks end with identical parameters
-    row = read_jsonl(run_dir / "metrics.jsonl")[0]
-    assert row["samples_per_rank"] == [1000, 1000]  # each rank saw half of the 2,000 training images
+    summary = json.loads((ddp / "summary.json").read_text())
+    assert summary["num_processes"] == 3
+    assert len(set(summary["param_checksum_per_rank"])) == 1  # every rank ends with identical parameters
+    a, b = _final_weights(alone), _final_weights(ddp)
+    for key in a:  # the same model up to the order of float sums (DDP's all-reduce)
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    # Adam's moments hold the gradients themselves (its update nearly ignores their scale): the same moments
+    # mean each process's loss was scaled so that DDP's average is the gradient of the global batch's sum.
+    moments = [torch.load(next((run / "checkpoints").glob("step_*/optimizer.bin")), weights_only=True)["state"]
+               for run in (alone, ddp)]
+    for index, state in moments[0].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(moments[1][index][key], state[key], rtol=1e-3, atol=1e-6)
+    row, alone_row = read_jsonl(ddp / "metrics.jsonl")[0], read_jsonl(alone / "metrics.jsonl")[0]
+    assert row["samples_per_rank"] == [350, 350, 330]
+    assert row["train/loss"] == pytest.approx(alone_row["train/loss"], abs=1e-3)
+    assert row["val/loss"] == pytest.approx(alone_row["val/loss"], abs=1e-3)
     assert row["val/n_images"] == 10000  # the whole test set, nothing counted twice
-    env = json.loads((run_dir / "environment.json").read_text())
+    env = json.loads((ddp / "environment.json").read_text())
     assert env["distributed_type"] == "DistributedType.MULTI_CPU"
     # only the main process prints
     assert result.stdout.count("epoch   1 ") == 1

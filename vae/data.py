@@ -6,7 +6,9 @@ must match the md5 sums of the original distribution, otherwise nothing is used.
 
 The IDX files are decoded once (by torchvision) into uint8 tensors. A batch is one indexing operation on those
 tensors, not 50 PIL images through ToTensor, yet it still flows through a torch DataLoader so that
-`accelerator.prepare` shards it across processes. Pixels become floats in [0, 1] on the device (`to_unit_float`).
+`accelerator.prepare` shards it across processes (evaluate.py). Training draws its own batches (`EpochBatches`):
+one shuffled order per epoch, sliced on the device, so no step waits for the host. Pixels become floats in [0, 1]
+on the device (`to_unit_float`).
 """
 
 from __future__ import annotations
@@ -170,3 +172,48 @@ def make_loader(dataset: MNISTTensors, batch_size: int, shuffle: bool, seed: int
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 784] -> float32 in [0, 1], on whatever device the batch is."""
     return images.to(torch.float32).div_(255.0)
+
+
+def share_bounds(count: int, world: int, rank: int) -> tuple[int, int]:
+    """[lo, hi) of rank's share when `count` items are split into `world` contiguous, near-equal parts (the first
+    count % world parts hold one more), as torch.tensor_split splits them. A share can be empty."""
+    base, extra = divmod(count, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+class EpochBatches:
+    """The training batches of an epoch, the same on any device and any number of processes.
+
+    Epoch e's order is a permutation drawn on the CPU from (seed, e), moved once to the device the images are on.
+    Global batch i is order[i*B:(i+1)*B]: the last one is short when B does not divide the images (never padded
+    with repeats), and each of the `world` processes takes its contiguous share of it (`share_bounds`). A step
+    then costs a slice and one gather on the device: no host work, no host-device sync.
+    """
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.images, self.batch_size, self.seed, self.rank, self.world = images, batch_size, seed, rank, world
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.images), generator=generator).to(self.images.device)
+
+    def global_size(self, batch: int) -> int:
+        """Images in global batch `batch` (all processes together)."""
+        return min(self.batch_size, len(self.images) - batch * self.batch_size)
+
+    def share(self, batch: int) -> tuple[int, int]:
+        """This process's [lo, hi) within global batch `batch`."""
+        return share_bounds(self.global_size(batch), self.world, self.rank)
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Yields, per global batch from `start` on: (this process's image indices, a device view of the order:
+        no copy; the global batch's size; this process's share of it as (lo, hi))."""
+        order = self.order(epoch)
+        for batch in range(start, len(self)):
+            lo, hi = self.share(batch)
+            first = batch * self.batch_size
+            yield order[first + lo: first + hi], self.global_size(batch), (lo, hi)

@@ -24,13 +24,14 @@ IWAE_CHUNK = 128
 
 def per_image_noise(indices: torch.Tensor, count: int, z_dim: int, seed: int,
                     device: torch.device) -> torch.Tensor:
-    """[B, count, z] standard normal noise; row b depends only on (seed, indices[b]), never on the batch."""
-    generator = torch.Generator(device=device)
+    """[B, count, z] standard normal noise; row b depends only on (seed, indices[b]), never on the batch, the
+    number of processes or the device: it is drawn on the CPU (CUDA's generator gives other numbers) and moved."""
+    generator = torch.Generator()
     rows = []
     for index in indices.tolist():
         generator.manual_seed(seed * 1_000_003 + int(index))
-        rows.append(torch.randn(count, z_dim, generator=generator, device=device))
-    return torch.stack(rows)
+        rows.append(torch.randn(count, z_dim, generator=generator))
+    return torch.stack(rows).to(device)
 
 
 def _log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

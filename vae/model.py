@@ -57,10 +57,13 @@ class VAE(nn.Module):
     def from_config(cls, cfg: ModelConfig) -> "VAE":
         return cls(z_dim=cfg.z_dim, hidden=tuple(cfg.hidden))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, 784] in [0, 1] -> (decoder logits [B, 784], mu [B, z], logvar [B, z]), z sampled once."""
+    def forward(self, x: torch.Tensor,
+                noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, 784] in [0, 1] -> (decoder logits [B, 784], mu [B, z], logvar [B, z]), z sampled once.
+        noise: the N(0, I) draws [B, z] for the sample (the training step passes them in so that they do not
+        depend on how a batch is split across processes); None draws them here."""
         mu, logvar = self.encoder(x)
-        z = reparameterize(mu, logvar)
+        z = reparameterize(mu, logvar, noise)
         return self.decoder(z), mu, logvar
 
 

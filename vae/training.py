@@ -3,7 +3,8 @@ then figures. Every process runs this code; only the main process prints and wri
 
 Accelerate wraps the model, optimizer, scheduler and both DataLoaders, so the same code runs on a CPU, one GPU,
 several GPUs or nodes (DDP/NCCL) and several CPU processes (DDP/gloo). `train.batch_size` is the GLOBAL batch:
-Accelerate is told to split each batch across the processes (`split_batches=True`).
+each process trains its share of every batch (vae.data.EpochBatches) with the noise it would get alone
+(vae.step), so 1 or N processes train the same model from the same config.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from pathlib import Path
 import accelerate
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
+from accelerate.utils import AutocastKwargs, gather_object, set_seed
 
 from . import checkpoint, plots, tracking
 from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_yaml
 from .console import RunConsole
-from .data import MNISTTensors, ensure_mnist, load_mnist, make_loader, to_unit_float
+from .data import EpochBatches, ensure_mnist, load_mnist, share_bounds, to_unit_float
 from .evaluation import model_figures
 from .errors import HarnessError, first_line
 from .model import VAE, negative_elbo_terms
+from .step import TrainStep, make_optimizer, make_train_step, restore_step_settings
 from .preemption import EXIT_CODES, StopRequest, requeue_slurm_job, slurm_job_id
 
 
@@ -47,12 +49,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(
         cpu=cfg.train.cpu,
         mixed_precision=cfg.train.mixed_precision,  # None: the launcher's --mixed_precision / config file
-        dataloader_config=DataLoaderConfiguration(
-            split_batches=True,  # train.batch_size is global: each of N processes takes batch_size / N
-            use_seedable_sampler=True,  # epoch e's shuffle depends only on (seed, e): exact resume
-            data_seed=cfg.train.seed,
-        ),
-        step_scheduler_with_optimizer=True,
+        # The loop steps the schedule once per global batch, applied or skipped (Accelerate's default would step
+        # it N times per batch with N processes, and not at all after a skipped fp16 update).
+        step_scheduler_with_optimizer=False,
+        # A CUDA graph cannot hold autocast's cache of cast weights (torch.cuda.graphs' rule for autocast).
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if cfg.train.cuda_graph else [],
         log_with=tracking.log_with(cfg.log.wandb),  # None when log.wandb=false: wandb is never imported
     )
 
@@ -91,16 +92,26 @@ def check_launch(cfg: Config, accelerator: Accelerator, console: RunConsole) -> 
                    "(the --cpu launcher flag starts a single process)")
         raise TrainingError(f"launched as {requested} processes but Accelerate sees only one, so each would train "
                             f"alone; {fix}")
-    n = accelerator.num_processes
-    if cfg.train.batch_size % n:
-        raise ConfigError(f"train.batch_size: must be divisible by the number of processes ({n}) "
-                          f"(got {cfg.train.batch_size}); it is the global batch, split across processes")
-    if cfg.data.eval_batch_size % n:
-        raise ConfigError(f"data.eval_batch_size: must be divisible by the number of processes ({n}) "
-                          f"(got {cfg.data.eval_batch_size})")
+    if cfg.train.cuda_graph:
+        _check_cuda_graph(cfg, accelerator)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         console.warn("fp16 mixed precision does nothing on CPU (Accelerate ignores it): training in fp32. "
                      "Use bf16 for mixed precision on CPU, or fp16 on a GPU.")
+
+
+def _check_cuda_graph(cfg: Config, accelerator: Accelerator) -> None:
+    """train.cuda_graph replays one captured step: it needs CUDA, fixed work per step, and no host decision."""
+    problems = {
+        accelerator.device.type != "cuda": f"needs a CUDA device (this run is on {accelerator.device})",
+        accelerator.num_processes > 1: f"runs on one process (this run has {accelerator.num_processes})",
+        accelerator.mixed_precision == "fp16": "does not support fp16 (its loss scaler decides on the host); use "
+                                               "bf16",
+        cfg.train.compile: "and train.compile are exclusive",
+        cfg.train.skip_nonfinite > 0: "and train.skip_nonfinite (a per-step host check) are exclusive",
+    }
+    for bad, why in problems.items():
+        if bad:
+            raise ConfigError(f"train.cuda_graph: {why}; set train.cuda_graph=false or change the launch")
 
 
 def _git_commit() -> str | None:
@@ -110,6 +121,10 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def _data_on_device(cfg: Config, accelerator: Accelerator) -> bool:
+    return cfg.data.on_device if cfg.data.on_device is not None else accelerator.device.type == "cuda"
 
 
 def environment_info(accelerator: Accelerator) -> dict:
@@ -204,7 +219,7 @@ def _follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, posit
     step on. `position`: where the run resumes, in steps of this start's schedule. Nothing is touched when
     nothing changed, so an unchanged resume stays bit-exact."""
     inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
-    saved_lr = inner.base_lrs[0]
+    saved_lr = float(inner.base_lrs[0])  # a device tensor under train.cuda_graph
     cosine = isinstance(inner, torch.optim.lr_scheduler.CosineAnnealingLR)
     saved_length, saved_position = (inner.T_max, inner.last_epoch) if cosine else (None, None)
     lr_changed = saved_lr != cfg.train.lr
@@ -221,7 +236,11 @@ def _follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, posit
     else:
         lr_now = cfg.train.lr
     for group in optimizer.param_groups:
-        group["initial_lr"], group["lr"] = cfg.train.lr, lr_now
+        group["initial_lr"] = cfg.train.lr
+        if isinstance(group["lr"], torch.Tensor):  # train.cuda_graph: the captured step reads this tensor
+            group["lr"].fill_(lr_now)
+        else:
+            group["lr"] = lr_now
     inner._last_lr = [lr_now] * len(inner.base_lrs)
     changes = []
     if lr_changed:
@@ -316,43 +335,32 @@ def _writable_or_fail(run_dir: Path) -> None:
 STOP_POLL_STEPS = 10  # with several processes, how often they agree on whether a stop was requested
 
 
-def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerator, bar, *, epoch: int,
-                    step: int, check_every: int, stop: StopRequest | None = None, skip_batches: int = 0,
-                    partial: dict | None = None, tracker: tracking.Tracker | None = None,
+def train_one_epoch(train_step: TrainStep, batches: EpochBatches, scheduler, accelerator: Accelerator, bar, *,
+                    epoch: int, step: int, check_every: int, stop: StopRequest | None = None,
+                    skip_batches: int = 0, partial: dict | None = None, tracker: tracking.Tracker | None = None,
                     nonfinite: NonFiniteSteps | None = None) -> dict:
     """One pass over the training batches (the first `skip_batches` skipped, when resuming mid-epoch).
     Returns the epoch's mean loss, or, if a stop was requested, where it stopped ("interrupted": True).
-    Every `check_every` steps: the finiteness check, the progress bar's loss and the train/* metrics."""
-    model.train()
-    partial = partial or {}
-    loss_sum = torch.tensor(float(partial.get("loss_sum", 0.0)), dtype=torch.float64, device=accelerator.device)
+    Every `check_every` steps: the finiteness check, the progress bar's loss and the train/* metrics; between two
+    checks nothing is read back from the device."""
+    train_step.model.train()
+    # A mid-epoch checkpoint holds the sums of all processes together: the main process carries them on.
+    partial = partial if partial and accelerator.is_main_process else {}
+    loss_sum = float(partial.get("loss_sum", 0.0))
     seen = started_seen = int(partial.get("seen", 0))
-    # recon and KL summed over this rank's images since the epoch (re)started; a report covers the images since
-    # the previous one.
-    sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    sums = train_step.sums.zero_()  # recon, KL over this rank's images since the epoch (re)started
     reported, reported_seen, reported_at = sums.clone(), seen, time.perf_counter()
     batches_done = skip_batches
-    if skip_batches:
-        loader = accelerator.skip_first_batches(loader, skip_batches)
-        bar.advance(skip_batches)
+    bar.advance(skip_batches)
     interrupted = False
     skipped_before = nonfinite.skipped if nonfinite is not None else 0
-    for images, _ in loader:
-        x = to_unit_float(images)
-        logits, mu, logvar = model(x)
-        recon, kl = negative_elbo_terms(logits, x, mu, logvar)
-        # The tutorial's objective: -ELBO summed over the (global) batch. DDP averages gradients over the N
-        # processes, so each rank scales its share by N.
-        loss = (recon + kl).sum() * accelerator.num_processes
-        optimizer.zero_grad(set_to_none=True)
-        if nonfinite is not None and nonfinite.limit and _not_finite_on_any_rank(loss, accelerator):
-            # Every rank skips this batch (none enters backward, so none waits in DDP's all-reduce alone).
+    attempted, updates_before = 0, applied_updates(train_step.optimizer)
+    for indices, global_size, share in batches.epoch(epoch, start=skip_batches):
+        if train_step(indices, global_size, share):
+            seen += len(indices)
+            attempted += 1
+        elif nonfinite is not None:
             nonfinite.skip(epoch, step + 1)
-        else:
-            accelerator.backward(loss)
-            optimizer.step()
-            sums += torch.stack((recon, kl)).detach().sum(1)
-            seen += len(x)
         scheduler.step()  # the schedule follows batches, applied or skipped
         step += 1
         batches_done += 1
@@ -369,25 +377,43 @@ def train_one_epoch(model, optimizer, scheduler, loader, accelerator: Accelerato
                 bar.show_loss(current)
                 if tracker is not None:
                     tracker.log({"train/loss": current, "train/recon": recon_sum / images_seen,
-                                 "train/kl": kl_sum / images_seen, "train/lr": scheduler.get_last_lr()[0],
+                                 "train/kl": kl_sum / images_seen, "train/lr": current_lr(scheduler),
                                  "train/samples_per_s": images_seen / max(now - reported_at, 1e-9)}, step=step)
                 reported, reported_seen, reported_at = sums.clone(), seen, now
         if stop is not None and _stop_agreed(stop, accelerator, step):
             interrupted = True
             break
-    loss_sum += sums.sum()
+    loss_sum += sums.sum().item()
     if interrupted:
-        return {"interrupted": True, "step": step, "batches_done": batches_done, "loss_sum": loss_sum.item(),
-                "seen": seen}
+        loss_sum, seen = accelerator.reduce(torch.tensor([loss_sum, float(seen)], dtype=torch.float64,
+                                                         device=accelerator.device), reduction="sum").tolist()
+        return {"interrupted": True, "step": step, "batches_done": batches_done, "loss_sum": loss_sum,
+                "seen": int(seen)}
     # loss sum, images of the whole epoch, images trained by this start (fewer when resumed mid-epoch)
-    counts = torch.tensor([float(seen), float(seen - started_seen)], dtype=torch.float64, device=loss_sum.device)
-    totals = accelerator.reduce(torch.cat([loss_sum.reshape(1), counts]), reduction="sum")
+    totals = accelerator.reduce(torch.tensor([loss_sum, float(seen), float(seen - started_seen)],
+                                             dtype=torch.float64, device=accelerator.device), reduction="sum")
     per_rank = accelerator.gather(torch.tensor([seen], device=accelerator.device)).tolist()
     mean_loss = (totals[0] / totals[1]).item()
     _stop_if_not_finite(mean_loss, epoch, step)
+    # fp16's loss scaler skips the update of a step whose gradients overflowed (fused Adam then leaves its step
+    # count alone): those count as skipped too.
+    scaler_skipped = attempted - (applied_updates(train_step.optimizer) - updates_before)
     return {"interrupted": False, "train/loss": mean_loss, "samples": int(totals[1].item()),
             "samples_trained_now": int(totals[2].item()), "samples_per_rank": per_rank, "step": step,
-            "skipped": (nonfinite.skipped - skipped_before) if nonfinite is not None else 0}
+            "skipped": scaler_skipped + ((nonfinite.skipped - skipped_before) if nonfinite is not None else 0)}
+
+
+def applied_updates(optimizer) -> int:
+    """How many updates Adam has applied (its step count; one sync when it lives on the device)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    for state in inner.state.values():
+        return int(state["step"]) if "step" in state else 0
+    return 0
+
+
+def current_lr(scheduler) -> float:
+    lr = scheduler.get_last_lr()[0]
+    return float(lr)  # a device tensor under train.cuda_graph
 
 
 def _stop_agreed(stop: StopRequest, accelerator: Accelerator, step: int, every_step: bool = False) -> bool:
@@ -417,14 +443,6 @@ class NonFiniteSteps:
                           f"({self.skipped} of at most {self.limit}, train.skip_nonfinite)")
 
 
-def _not_finite_on_any_rank(loss: torch.Tensor, accelerator: Accelerator) -> bool:
-    """One flag per step (a device sync, and an all-reduce under DDP: the price of train.skip_nonfinite)."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    return bool(bad.item() > 0)
-
-
 def _stop_if_not_finite(value: float, epoch: int, step: int) -> None:
     if value != value or value in (float("inf"), float("-inf")):
         raise TrainingError(f"training loss became {value} at epoch {epoch}, step {step}; the last good checkpoint "
@@ -432,29 +450,45 @@ def _stop_if_not_finite(value: float, epoch: int, step: int) -> None:
 
 
 @torch.no_grad()
-def evaluate_test_set(model, loader, accelerator: Accelerator) -> dict:
-    """-ELBO, reconstruction and KL over exactly the whole test set, whatever the number of processes
-    (gather_for_metrics drops the samples Accelerate repeats to even out the last batch)."""
+def evaluate_test_set(model, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor,
+                      accelerator: Accelerator, batch_size: int) -> dict:
+    """-ELBO, reconstruction and KL over exactly the whole test set. Each process scores its contiguous share of
+    the images, in batches of about batch_size / N, with the noise `noise[i]` for image i (the same for any number
+    of processes and any device), and the per-image numbers are gathered in image order."""
+    model = accelerator.unwrap_model(model)  # no DDP for a pass without gradients; autocast stays
     model.eval()
-    recon_parts, kl_parts, mu_parts, label_parts = [], [], [], []
-    for images, labels in loader:
-        x = to_unit_float(images)
-        logits, mu, logvar = model(x)
+    lo, hi = share_bounds(len(images), accelerator.num_processes, accelerator.process_index)
+    chunk = max(1, batch_size // accelerator.num_processes)
+    rows = [torch.zeros(0, 2 + noise.shape[1], device=accelerator.device)]
+    for start in range(lo, hi, chunk):
+        end = min(start + chunk, hi)
+        x = to_unit_float(images[start:end].to(accelerator.device))
+        logits, mu, logvar = model(x, noise[start:end])
         recon, kl = negative_elbo_terms(logits, x, mu, logvar)
-        recon, kl, mu, labels = accelerator.gather_for_metrics((recon, kl, mu.float(), labels))
-        recon_parts.append(recon)
-        kl_parts.append(kl)
-        mu_parts.append(mu)
-        label_parts.append(labels)
-    recon, kl = torch.cat(recon_parts), torch.cat(kl_parts)
+        rows.append(torch.cat((recon[:, None], kl[:, None], mu.float()), dim=1))
+    scores = gather_shares(torch.cat(rows), len(images), accelerator)
+    recon, kl = scores[:, 0], scores[:, 1]
     return {
         "val/loss": (recon + kl).mean().item(),
         "val/recon": recon.mean().item(),
         "val/kl": kl.mean().item(),
         "n_images": len(recon),
-        "latent_means": torch.cat(mu_parts),
-        "labels": torch.cat(label_parts),
+        "latent_means": scores[:, 2:],
+        "labels": labels,
     }
+
+
+def gather_shares(local: torch.Tensor, count: int, accelerator: Accelerator) -> torch.Tensor:
+    """All processes' rows, in order, from shares split by share_bounds (of unequal sizes: each is padded to the
+    largest for the all-gather, and the padding dropped)."""
+    world = accelerator.num_processes
+    if world == 1:
+        return local
+    largest = -(-count // world)
+    padded = torch.cat((local, local.new_zeros(largest - len(local), *local.shape[1:])))
+    everything = accelerator.gather(padded)
+    return torch.cat([everything[rank * largest: rank * largest + (hi - lo)]
+                      for rank, (lo, hi) in enumerate(share_bounds(count, world, r) for r in range(world))])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -593,30 +627,32 @@ def _train(cfg: Config) -> dict:
     test_images, test_labels = load_mnist(cfg.data.root, train=False)
     if cfg.data.train_subset:
         train_images, train_labels = train_images[: cfg.data.train_subset], train_labels[: cfg.data.train_subset]
-    on_device = cfg.data.on_device if cfg.data.on_device is not None else accelerator.device.type == "cuda"
-    data_device = accelerator.device if on_device else torch.device("cpu")
-    train_set = MNISTTensors(train_images.to(data_device), train_labels.to(data_device))
-    test_set = MNISTTensors(test_images.to(data_device), test_labels.to(data_device))
-    train_loader = make_loader(train_set, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
-    test_loader = make_loader(test_set, cfg.data.eval_batch_size, shuffle=False, seed=cfg.train.seed)
+    data_device = accelerator.device if _data_on_device(cfg, accelerator) else torch.device("cpu")
+    train_images, test_images_here = train_images.to(data_device), test_images.to(data_device)
+    batches = EpochBatches(train_images, cfg.train.batch_size, cfg.train.seed, accelerator.process_index,
+                           accelerator.num_processes)
+    # The test pass's noise: one fixed draw per image, so val/loss moves only with the model, and is the same
+    # on any device and any number of processes.
+    test_noise = torch.randn(len(test_images), cfg.model.z_dim,
+                             generator=torch.Generator().manual_seed(cfg.train.seed)).to(accelerator.device)
 
-    # Model and optimisation. Seeded identically on every rank, then each rank gets its own noise stream.
+    # Model and optimisation. Every rank is seeded alike and stays alike: the training noise of a global batch
+    # is drawn whole on every rank (vae.step), so 1 or N processes train the same model.
     set_seed(cfg.train.seed)
-    model = VAE.from_config(cfg.model)
-    fused = accelerator.device.type in ("cuda", "cpu")
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, fused=fused)
-    steps_per_epoch = len(train_loader)
+    model = VAE.from_config(cfg.model).to(accelerator.device)
+    optimizer = make_optimizer(model.parameters(), cfg.train.lr, accelerator.device, cfg.train.cuda_graph)
+    steps_per_epoch = len(batches)
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.lr_schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     else:
         scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
     raw_model = model
-    if cfg.train.compile:
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if cfg.train.compile:  # after prepare: the saved states keep the module's own parameter names
         model = torch.compile(model)
-    model, optimizer, train_loader, test_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, test_loader, scheduler)
-    set_seed(cfg.train.seed, device_specific=True)
+    train_step = make_train_step(cfg.train.cuda_graph, model, optimizer, accelerator, train_images,
+                                 cfg.model.z_dim, guard_nonfinite=cfg.train.skip_nonfinite > 0)
 
     # Run directory: resume from the newest complete state, or start fresh.
     resume, run_dir = prepare_run_dir(cfg, accelerator, console)
@@ -629,6 +665,7 @@ def _train(cfg: Config) -> dict:
     best = {"val/loss": float("inf"), "epoch": None}
     if resume:
         resumed = resume_full_state(accelerator, run_dir, console)
+        restore_step_settings(optimizer, accelerator.device, cfg.train.cuda_graph)
         _check_mid_epoch_resume(cfg, resumed)
         _follow_config_lr(optimizer, scheduler, cfg, total_steps,
                           (resumed["epoch"] - 1) * steps_per_epoch + resumed["batches_done"], console)
@@ -636,6 +673,11 @@ def _train(cfg: Config) -> dict:
                                                  resumed["best"])
         partial = resumed.get("partial", {})
     history = _read_metrics(run_dir / "metrics.jsonl", up_to_epoch=start_epoch - 1)
+
+    def test_pass() -> dict:
+        return evaluate_test_set(model, test_images_here, test_labels, test_noise, accelerator,
+                                 cfg.data.eval_batch_size)
+
     config_dict = config_to_dict(cfg)
     nonfinite = NonFiniteSteps(cfg.train.skip_nonfinite, console)
     stop = StopRequest().install()  # from here on, SIGTERM/SIGUSR1/Ctrl-C stop at a checkpoint
@@ -647,7 +689,8 @@ def _train(cfg: Config) -> dict:
         checkpoint.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         console.info(f"run directory {run_dir} | {accelerator.num_processes} process(es) on {accelerator.device} "
                      f"({accelerator.distributed_type}) | mixed precision {accelerator.mixed_precision} | "
-                     f"global batch {cfg.train.batch_size} | {len(train_set)} train / {len(test_set)} test images")
+                     f"global batch {cfg.train.batch_size} | {len(train_images)} train / {len(test_images)} test images"
+                     + (" | CUDA graph" if cfg.train.cuda_graph else ""))
     tracker = tracking.Tracker.start(accelerator, console, log=cfg.log, run_name=cfg.run.name, run_dir=run_dir,
                                      config=config_dict, resumed=resume)
     tracker.define_epoch_metrics()
@@ -656,9 +699,8 @@ def _train(cfg: Config) -> dict:
         evaluation = None
         for epoch in range(start_epoch, cfg.train.epochs + 1):
             epoch_started = time.perf_counter()
-            train_loader.set_epoch(epoch)
             with console.epoch_progress(epoch, cfg.train.epochs, steps_per_epoch) as bar:
-                trained = train_one_epoch(model, optimizer, scheduler, train_loader, accelerator, bar, epoch=epoch,
+                trained = train_one_epoch(train_step, batches, scheduler, accelerator, bar, epoch=epoch,
                                           step=step, check_every=cfg.log.every_steps, stop=stop,
                                           skip_batches=skip_batches, partial=partial, tracker=tracker,
                                           nonfinite=nonfinite)
@@ -673,7 +715,7 @@ def _train(cfg: Config) -> dict:
                 _stop_after_checkpoint(stop, accelerator, console, saved, epoch, trained["batches_done"],
                                        steps_per_epoch)
             train_time = time.perf_counter() - epoch_started
-            evaluation = evaluate_test_set(model, test_loader, accelerator)
+            evaluation = test_pass()
             row = {
                 "epoch": epoch,
                 "step": step,
@@ -683,7 +725,7 @@ def _train(cfg: Config) -> dict:
                 "val/kl": evaluation["val/kl"],
                 "samples_per_s": trained["samples_trained_now"] / train_time,
                 "epoch_time_s": time.perf_counter() - epoch_started,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": current_lr(scheduler),
                 "samples_per_rank": trained["samples_per_rank"],
                 "skipped_steps": trained["skipped"],
                 "val/n_images": evaluation["n_images"],
@@ -717,7 +759,7 @@ def _train(cfg: Config) -> dict:
 
     if evaluation is None:  # nothing left to train: the run had already reached train.epochs
         console.info(f"{run_dir} already finished {cfg.train.epochs} epochs; raise train.epochs to train further")
-        evaluation = evaluate_test_set(model, test_loader, accelerator)
+        evaluation = test_pass()
 
     checksums = accelerator.gather(torch.tensor([_param_checksum(raw_model)], dtype=torch.float64,
                                                 device=accelerator.device)).tolist()

@@ -1,0 +1,138 @@
+"""The training step: one global batch's -ELBO, its gradient and Adam's update, run eagerly or replayed as one CUDA
+graph (train.cuda_graph).
+
+A step takes this process's image indices (a device tensor) and draws the N(0, I) noise of the whole GLOBAL batch
+from the default generator, which every process seeds alike, then keeps its own share: 1 or N processes draw the
+same noise for the same image, so they train the same model. Nothing in a step reads a value back to the host;
+the recon and KL sums stay on the device until the loop asks for them (`sums`).
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from .data import to_unit_float
+from .model import negative_elbo_terms
+
+# Eager steps run on a side stream before the graph is captured, as torch.cuda.graphs asks: they initialise
+# Adam's state, cuBLAS workspaces and autocast, and they are real steps of the run (their updates count).
+GRAPH_WARMUP_STEPS = 3
+
+
+def make_optimizer(params, lr: float, device: torch.device, cuda_graph: bool) -> torch.optim.Adam:
+    """Fused Adam (one kernel for all parameters). Under a CUDA graph it must be capturable and read its learning
+    rate from a device tensor: a float would be baked into the captured kernel and a schedule would not reach it."""
+    if cuda_graph:
+        return torch.optim.Adam(params, lr=torch.tensor(lr, device=device), fused=True, capturable=True)
+    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cuda", "cpu"))
+
+
+def restore_step_settings(optimizer, device: torch.device, cuda_graph: bool) -> None:
+    """A loaded optimizer state brings the settings of the run that saved it (capturable or not, a float or a
+    tensor learning rate): a state saved by an eager run resumed under a CUDA graph, or the reverse, gets this
+    run's settings back, at the saved learning rate."""
+    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+        lr = float(group["lr"])
+        group["capturable"] = cuda_graph
+        group["lr"] = torch.tensor(lr, device=device) if cuda_graph else lr
+
+
+class TrainStep:
+    """Eager steps. `__call__` returns False when the step was skipped for a non-finite loss (train.skip_nonfinite
+    above 0: the only case that checks the loss every step, at the cost of one sync)."""
+
+    def __init__(self, model, optimizer, accelerator: Accelerator, images: torch.Tensor, z_dim: int,
+                 guard_nonfinite: bool = False):
+        self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
+        self.images, self.z_dim, self.guard_nonfinite = images, z_dim, guard_nonfinite
+        self.world = accelerator.num_processes
+        # Accelerate's optimizer wrapper only adds host work here (no gradient accumulation): per call, step()
+        # looks up an optional package (lomo_optim) with importlib twice and zero_grad() inspects a signature,
+        # together more host time than the whole step's GPU work on an H200. Its inner optimizer is the object
+        # it would call; only fp16's loss scaler needs the wrapper's step().
+        self.inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.optimizer_step = optimizer.step if accelerator.scaler is not None else self.inner_optimizer.step
+        # recon and KL summed over the images of the applied steps of this process (float64: an epoch of 60,000
+        # images at ~150 nats must not lose the per-image digits)
+        self.sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+
+    def __call__(self, indices: torch.Tensor, global_size: int, share: tuple[int, int]) -> bool:
+        noise = torch.randn(global_size, self.z_dim, device=self.accelerator.device)[share[0]: share[1]]
+        self.inner_optimizer.zero_grad(set_to_none=True)
+        return self._forward_backward_update(indices, noise)
+
+    def _forward_backward_update(self, indices: torch.Tensor, noise: torch.Tensor) -> bool:
+        x = to_unit_float(self.images[indices].to(self.accelerator.device))  # a no-op with data.on_device
+        logits, mu, logvar = self.model(x, noise)
+        recon, kl = negative_elbo_terms(logits, x, mu, logvar)
+        # The tutorial's objective: -ELBO summed over the GLOBAL batch. DDP averages gradients over the N
+        # processes, so each scales the sum over its share by N.
+        loss = (recon + kl).sum() * self.world
+        if self.guard_nonfinite and _not_finite_on_any_rank(loss, self.accelerator):
+            return False  # every rank skips it: none enters backward, so none waits in DDP's all-reduce alone
+        self.accelerator.backward(loss)
+        self.optimizer_step()
+        self.sums += torch.stack((recon.detach().sum(), kl.detach().sum())).double()
+        return True
+
+
+class GraphedTrainStep(TrainStep):
+    """The same step, captured once as a CUDA graph and replayed: one launch instead of ~60 kernels' worth of
+    Python and dispatch. A graph has fixed shapes, so batches of another size (the last, short batch of an epoch)
+    run eagerly, on the same parameters, gradients and optimizer state. One process, fp32 or bf16 only (checked
+    at launch)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_key: tuple[int, int, int] | None = None  # (global size, share) the graph was captured for
+        self.eager_steps = 0
+        self.side_stream = torch.cuda.Stream(device=self.accelerator.device)
+
+    def __call__(self, indices: torch.Tensor, global_size: int, share: tuple[int, int]) -> bool:
+        key = (global_size, *share)
+        if self.graph is not None and key == self.graph_key:
+            self.static_indices.copy_(indices)
+            torch.randn(global_size, self.z_dim, device=self.accelerator.device, out=self.static_noise)
+            self.graph.replay()
+            return True
+        if self.graph is None and self.eager_steps >= GRAPH_WARMUP_STEPS:
+            self._capture(key, len(indices))
+            return self(indices, global_size, share)
+        return self._eager(indices, global_size, share)
+
+    def _eager(self, indices: torch.Tensor, global_size: int, share: tuple[int, int]) -> bool:
+        self.side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side_stream):
+            noise = torch.randn(global_size, self.z_dim, device=self.accelerator.device)[share[0]: share[1]]
+            # After the capture the gradients live in the graph's memory: zero them in place, never drop them.
+            self.inner_optimizer.zero_grad(set_to_none=self.graph is None)
+            self._forward_backward_update(indices, noise)
+        torch.cuda.current_stream().wait_stream(self.side_stream)
+        self.eager_steps += 1
+        return True
+
+    def _capture(self, key: tuple[int, int, int], local_size: int) -> None:
+        global_size, lo, hi = key
+        device = self.accelerator.device
+        self.static_indices = torch.zeros(local_size, dtype=torch.long, device=device)
+        self.static_noise = torch.zeros(global_size, self.z_dim, device=device)
+        torch.cuda.synchronize(device)
+        self.inner_optimizer.zero_grad(set_to_none=True)  # backward inside the capture allocates the static gradients
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._forward_backward_update(self.static_indices, self.static_noise[lo:hi])
+        self.graph_key = key
+
+
+def _not_finite_on_any_rank(loss: torch.Tensor, accelerator: Accelerator) -> bool:
+    """One flag per step (a device sync, and an all-reduce under DDP: the price of train.skip_nonfinite)."""
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bool(bad.item() > 0)
+
+
+def make_train_step(cuda_graph: bool, *args, **kwargs) -> TrainStep:
+    return (GraphedTrainStep if cuda_graph else TrainStep)(*args, **kwargs)
