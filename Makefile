@@ -34,3 +34,11 @@ bench: venv data
 
 clean:
 	rm -rf runs .pytest_cache
+
+# One-shot check on a rented GPU machine: its own Python (no venv, no pip, no network), the repo on PYTHONPATH.
+#   make gpu-check OUT=gpu-report     (report.md, report.json and logs in OUT; see benchmarks/gpu_check.py)
+GPU_PYTHON ?= python3
+.PHONY: gpu-check
+gpu-check:
+	@if [ -z "$(OUT)" ]; then echo "make gpu-check: OUT is required, e.g. make gpu-check OUT=gpu-report" >&2; exit 2; fi
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) benchmarks/gpu_check.py --out "$(OUT)"
