@@ -22,7 +22,7 @@ from vae.config import load_config  # noqa: E402
 from vae.data import EpochBatches, ensure_mnist, load_mnist  # noqa: E402
 from vae.model import VAE  # noqa: E402
 from vae.step import make_optimizer, make_train_step  # noqa: E402
-from vae.training import make_accelerator  # noqa: E402
+from vae.launch import make_accelerator  # noqa: E402
 
 
 def _steps(train_step, batches: EpochBatches, count: int) -> None:
@@ -45,7 +45,8 @@ def measure(images: torch.Tensor, batch_size: int, cuda_graph: bool, steps: int)
     optimizer = make_optimizer(model.parameters(), cfg.train.lr, accelerator.device, cuda_graph)
     model, optimizer = accelerator.prepare(model, optimizer)
     batches = EpochBatches(images, batch_size, seed=0)
-    train_step = make_train_step(cuda_graph, model, optimizer, accelerator, images, cfg.model.z_dim)
+    train_step = make_train_step(cuda_graph, model, optimizer, accelerator, images, cfg.model.z_dim,
+                                 full_batch=batch_size)
     _steps(train_step, batches, 20)  # warm-up (and the capture)
     torch.cuda.synchronize()
     started = time.perf_counter()

@@ -8,7 +8,8 @@ import torch
 
 from vae.config import load_config
 from vae.console import RunConsole
-from vae.training import TrainingError, _batch_order_settings, _check_mid_epoch_resume, _follow_config_lr
+from vae.errors import TrainingError
+from vae.resume import batch_order_settings, check_mid_epoch_resume, follow_config_lr
 
 
 def _optimizer_and_scheduler(lr: float, cosine_steps: int | None, steps_taken: int):
@@ -27,7 +28,7 @@ def _optimizer_and_scheduler(lr: float, cosine_steps: int | None, steps_taken: i
 def test_a_changed_lr_takes_effect_on_resume(capsys):
     optimizer, scheduler = _optimizer_and_scheduler(1e-3, None, steps_taken=40)
     cfg = load_config("configs/debug.yaml", ["train.lr=2e-4"])
-    _follow_config_lr(optimizer, scheduler, cfg, total_steps=40, position=40, console=RunConsole())
+    follow_config_lr(optimizer, scheduler, cfg, total_steps=40, position=40, console=RunConsole())
     assert optimizer.param_groups[0]["lr"] == 2e-4 and scheduler.get_last_lr() == [2e-4]
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == 2e-4
@@ -37,7 +38,7 @@ def test_a_changed_lr_takes_effect_on_resume(capsys):
 def test_a_longer_cosine_run_follows_the_new_length():
     optimizer, scheduler = _optimizer_and_scheduler(1e-3, cosine_steps=80, steps_taken=40)
     cfg = load_config("configs/debug.yaml", ["train.lr_schedule=cosine", "train.epochs=4"])
-    _follow_config_lr(optimizer, scheduler, cfg, total_steps=160, position=40, console=RunConsole(enabled=False))
+    follow_config_lr(optimizer, scheduler, cfg, total_steps=160, position=40, console=RunConsole(enabled=False))
     expected = 1e-3 * (1 + math.cos(math.pi * 40 / 160)) / 2
     assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12)
     for step in range(41, 161):  # the rest of the schedule is the one a 160-step run would have had
@@ -51,7 +52,7 @@ def test_a_cosine_run_resumed_with_a_larger_batch_goes_on_from_the_same_fraction
     so the run is half done at step 40 of 80, and the rest anneals from there to 0."""
     optimizer, scheduler = _optimizer_and_scheduler(1e-3, cosine_steps=160, steps_taken=80)
     cfg = load_config("configs/debug.yaml", ["train.lr_schedule=cosine", "train.epochs=4", "train.batch_size=100"])
-    _follow_config_lr(optimizer, scheduler, cfg, total_steps=80, position=40, console=RunConsole(enabled=False))
+    follow_config_lr(optimizer, scheduler, cfg, total_steps=80, position=40, console=RunConsole(enabled=False))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-4, rel=1e-12)
     rates = []
     for _ in range(40):
@@ -64,17 +65,17 @@ def test_an_unchanged_resume_is_left_exactly_as_saved():
     optimizer, scheduler = _optimizer_and_scheduler(1e-3, cosine_steps=80, steps_taken=33)
     before = (optimizer.param_groups[0]["lr"], scheduler.state_dict())
     cfg = load_config("configs/debug.yaml", ["train.lr_schedule=cosine", "train.epochs=2"])
-    _follow_config_lr(optimizer, scheduler, cfg, total_steps=80, position=33, console=RunConsole(enabled=False))
+    follow_config_lr(optimizer, scheduler, cfg, total_steps=80, position=33, console=RunConsole(enabled=False))
     assert (optimizer.param_groups[0]["lr"], scheduler.state_dict()) == before
 
 
 @pytest.mark.parametrize("override", ["train.batch_size=100", "train.seed=1", "data.train_subset=1000"])
 def test_mid_epoch_resume_refuses_a_different_batch_order(override):
     saved = load_config("configs/debug.yaml")
-    state = {"epoch": 3, "batches_done": 17, "partial": {"batch_order": _batch_order_settings(saved)}}
+    state = {"epoch": 3, "batches_done": 17, "partial": {"batch_order": batch_order_settings(saved)}}
     changed = load_config("configs/debug.yaml", [override])
     key = override.split("=")[0]
     with pytest.raises(TrainingError, match=rf"middle of epoch 3 with {key}=.*resume with {key}="):
-        _check_mid_epoch_resume(changed, state)
-    _check_mid_epoch_resume(saved, state)  # the same settings resume
-    _check_mid_epoch_resume(changed, {**state, "batches_done": 0})  # at an epoch boundary anything goes
+        check_mid_epoch_resume(changed, state)
+    check_mid_epoch_resume(saved, state)  # the same settings resume
+    check_mid_epoch_resume(changed, {**state, "batches_done": 0})  # at an epoch boundary anything goes

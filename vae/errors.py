@@ -24,6 +24,10 @@ class HarnessError(Exception):
         return super().__str__().replace("\r", "\\r").replace("\n", "\\n")
 
 
+class TrainingError(HarnessError):
+    """Training cannot go on (wrong launch, non-finite loss, incompatible or busy run directory)."""
+
+
 def first_line(error: BaseException) -> str:
     """An exception as one short line: its type and the first line of its message."""
     text = str(error).strip()

@@ -83,8 +83,9 @@ class GraphedTrainStep(TrainStep):
     run eagerly, on the same parameters, gradients and optimizer state. One process, fp32 or bf16 only (checked
     at launch)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, full_batch: int, **kwargs):
         super().__init__(*args, **kwargs)
+        self.full_batch = full_batch  # captured at this global batch size: the short last batch stays eager
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_key: tuple[int, int, int] | None = None  # (global size, share) the graph was captured for
         self.eager_steps = 0
@@ -97,7 +98,7 @@ class GraphedTrainStep(TrainStep):
             torch.randn(global_size, self.z_dim, device=self.accelerator.device, out=self.static_noise)
             self.graph.replay()
             return True
-        if self.graph is None and self.eager_steps >= GRAPH_WARMUP_STEPS:
+        if self.graph is None and self.eager_steps >= GRAPH_WARMUP_STEPS and global_size == self.full_batch:
             self._capture(key, len(indices))
             return self(indices, global_size, share)
         return self._eager(indices, global_size, share)
@@ -134,5 +135,7 @@ def _not_finite_on_any_rank(loss: torch.Tensor, accelerator: Accelerator) -> boo
     return bool(bad.item() > 0)
 
 
-def make_train_step(cuda_graph: bool, *args, **kwargs) -> TrainStep:
-    return (GraphedTrainStep if cuda_graph else TrainStep)(*args, **kwargs)
+def make_train_step(cuda_graph: bool, *args, full_batch: int, **kwargs) -> TrainStep:
+    if cuda_graph:
+        return GraphedTrainStep(*args, full_batch=full_batch, **kwargs)
+    return TrainStep(*args, **kwargs)

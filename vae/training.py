@@ -9,323 +9,41 @@ each process trains its share of every batch (vae.data.EpochBatches) with the no
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import json
-import math
-import os
-import platform
 import shutil
-import subprocess
-import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
-import accelerate
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 
 from . import checkpoint, plots, tracking
-from .config import Config, ConfigError, config_from_dict, config_to_dict, dump_yaml
+from .config import Config, config_to_dict, dump_yaml
 from .console import RunConsole
-from .data import EpochBatches, ensure_mnist, load_mnist, share_bounds, to_unit_float
+from .data import EpochBatches, ensure_mnist, gather_shares, load_mnist, share_bounds, to_unit_float
 from .evaluation import model_figures
-from .errors import HarnessError, first_line
+from .launch import check_training_launch, environment_info, make_accelerator
+from .resume import (batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr,
+                     resume_full_state)
+from .run_dir import full_state_bytes, disk_full_error, prepare_run_dir, read_metrics, room_or_fail, space_needed
+from .errors import TrainingError, first_line
 from .model import VAE, negative_elbo_terms
 from .step import TrainStep, make_optimizer, make_train_step, restore_step_settings
 from .preemption import EXIT_CODES, StopRequest, requeue_slurm_job, slurm_job_id
-
-
-class TrainingError(HarnessError):
-    """Training cannot go on (wrong launch, non-finite loss, incompatible run directory)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Setup
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
-    return Accelerator(
-        cpu=cfg.train.cpu,
-        mixed_precision=cfg.train.mixed_precision,  # None: the launcher's --mixed_precision / config file
-        # The loop steps the schedule once per global batch, applied or skipped (Accelerate's default would step
-        # it N times per batch with N processes, and not at all after a skipped fp16 update).
-        step_scheduler_with_optimizer=False,
-        # A CUDA graph cannot hold autocast's cache of cast weights (torch.cuda.graphs' rule for autocast).
-        kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if cfg.train.cuda_graph else [],
-        log_with=tracking.log_with(cfg.log.wandb),  # None when log.wandb=false: wandb is never imported
-    )
-
-
-def _launcher_process_count() -> int:
-    """How many processes the user asked the launcher for, as far as this process can tell."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1:
-        return world
-    # `accelerate launch --cpu --num_processes 2` starts one process and sets nothing that says 2; the
-    # launcher's own command line (our parent process) still does.
-    try:
-        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return 1
-    args = [a.decode(errors="replace") for a in argv]
-    if "launch" not in args:
-        return 1
-    for i, arg in enumerate(args):
-        for flag in ("--num_processes", "--num-processes"):
-            if arg == flag and i + 1 < len(args) and args[i + 1].isdigit():
-                return int(args[i + 1])
-            if arg.startswith(flag + "="):
-                value = arg.split("=", 1)[1]
-                return int(value) if value.isdigit() else 1
-    return 1
-
-
-def check_launch(cfg: Config, accelerator: Accelerator, console: RunConsole) -> None:
-    requested = _launcher_process_count()
-    if requested > 1 and accelerator.num_processes == 1:
-        if torch.cuda.is_available() and not cfg.train.cpu:
-            fix = "launch with --multi_gpu and one GPU per process"
-        else:
-            fix = ("on CPU use: accelerate launch --multi_gpu --num_processes N train.py ... train.cpu=true "
-                   "(the --cpu launcher flag starts a single process)")
-        raise TrainingError(f"launched as {requested} processes but Accelerate sees only one, so each would train "
-                            f"alone; {fix}")
-    if cfg.train.cuda_graph:
-        _check_cuda_graph(cfg, accelerator)
-    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
-        console.warn("fp16 mixed precision does nothing on CPU (Accelerate ignores it): training in fp32. "
-                     "Use bf16 for mixed precision on CPU, or fp16 on a GPU.")
-
-
-def _check_cuda_graph(cfg: Config, accelerator: Accelerator) -> None:
-    """train.cuda_graph replays one captured step: it needs CUDA, fixed work per step, and no host decision."""
-    problems = {
-        accelerator.device.type != "cuda": f"needs a CUDA device (this run is on {accelerator.device})",
-        accelerator.num_processes > 1: f"runs on one process (this run has {accelerator.num_processes})",
-        accelerator.mixed_precision == "fp16": "does not support fp16 (its loss scaler decides on the host); use "
-                                               "bf16",
-        cfg.train.compile: "and train.compile are exclusive",
-        cfg.train.skip_nonfinite > 0: "and train.skip_nonfinite (a per-step host check) are exclusive",
-    }
-    for bad, why in problems.items():
-        if bad:
-            raise ConfigError(f"train.cuda_graph: {why}; set train.cuda_graph=false or change the launch")
-
-
-def _git_commit() -> str | None:
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                                capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
-
 def _data_on_device(cfg: Config, accelerator: Accelerator) -> bool:
     return cfg.data.on_device if cfg.data.on_device is not None else accelerator.device.type == "cuda"
 
 
-def environment_info(accelerator: Accelerator) -> dict:
-    import torchvision
-
-    return {
-        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": sys.argv,
-        "git_commit": _git_commit(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "accelerate": accelerate.__version__,
-        "host": platform.node(),
-        "device": str(accelerator.device),
-        "device_name": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else
-        platform.processor() or platform.machine(),
-        "distributed_type": str(accelerator.distributed_type),
-        "num_processes": accelerator.num_processes,
-        "mixed_precision": accelerator.mixed_precision,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Run directory and resume
-
-
-def _read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a crash
-            if isinstance(row, dict) and isinstance(row.get("epoch"), int) and row["epoch"] <= up_to_epoch:
-                rows.append(row)
-    # keep one row per epoch (the last written), in epoch order
-    return sorted({row["epoch"]: row for row in rows}.values(), key=lambda r: r["epoch"])
-
-
-def _saved_config(run_dir: Path) -> Config | None:
-    """The config of the run's last start (its config.yaml), or None when there is none or it does not load."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
-        return None
-    import yaml
-
-    try:
-        return config_from_dict(yaml.safe_load(saved_path.read_text()))
-    except (HarnessError, yaml.YAMLError):
-        return None  # unreadable: the checkpoint load will say whether the state still fits
-
-
-def _check_resumable(run_dir: Path, cfg: Config) -> None:
-    """Settings a resumed run cannot change: the model (the state would not fit) and the learning-rate schedule
-    (the saved scheduler state is of the other kind)."""
-    saved = _saved_config(run_dir)
-    if saved is None:
-        return
-    if saved.model != cfg.model:
-        raise TrainingError(f"{run_dir} holds a run with a different model ({saved.model}); to train this one "
-                            f"pass a new run.dir=..., or train.resume=false to move the old run aside")
-    if saved.train.lr_schedule != cfg.train.lr_schedule:
-        raise TrainingError(f"{run_dir} was trained with train.lr_schedule={saved.train.lr_schedule}, not "
-                            f"{cfg.train.lr_schedule}; resume with the same schedule, or pass a new run.dir=...")
-
-
-def _batch_order_settings(cfg: Config) -> dict:
-    """The settings that decide which images an epoch's batches hold, saved with a mid-epoch checkpoint."""
-    return {"train.batch_size": cfg.train.batch_size, "train.seed": cfg.train.seed,
-            "data.train_subset": cfg.data.train_subset}
-
-
-def _check_mid_epoch_resume(cfg: Config, state: dict) -> None:
-    """A run stopped mid-epoch goes on with the rest of that epoch's batches: only the same batch size, seed and
-    training subset give the same batches."""
-    saved = state.get("partial", {}).get("batch_order", {}) if state["batches_done"] else {}
-    for key, now in _batch_order_settings(cfg).items():
-        if key in saved and saved[key] != now:
-            raise TrainingError(f"the run stopped in the middle of epoch {state['epoch']} with {key}={saved[key]}; "
-                                f"resume with {key}={saved[key]} (change it once that epoch is done), or pass a "
-                                f"new run.dir=...")
-
-
-def _follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, position: int,
-                      console: RunConsole) -> None:
-    """A resumed optimizer and scheduler carry the learning rate and schedule of the run's earlier start. The
-    config wins: a changed train.lr (e.g. lowered after the loss diverged), or for a cosine schedule a changed
-    length (train.epochs) or steps per epoch (train.batch_size, data.train_subset), takes effect from the resumed
-    step on. `position`: where the run resumes, in steps of this start's schedule. Nothing is touched when
-    nothing changed, so an unchanged resume stays bit-exact."""
-    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
-    saved_lr = float(inner.base_lrs[0])  # a device tensor under train.cuda_graph
-    cosine = isinstance(inner, torch.optim.lr_scheduler.CosineAnnealingLR)
-    saved_length, saved_position = (inner.T_max, inner.last_epoch) if cosine else (None, None)
-    lr_changed = saved_lr != cfg.train.lr
-    schedule_changed = cosine and (saved_length, saved_position) != (total_steps, position)
-    if not (lr_changed or schedule_changed):
-        return
-    inner.base_lrs = [cfg.train.lr] * len(inner.base_lrs)
-    if cosine:
-        # The same fraction of the run done, in the new schedule's steps (the recursive form of
-        # CosineAnnealingLR carries on from the learning rate set here).
-        inner.T_max, inner.last_epoch = total_steps, position
-        progress = min(position, total_steps) / total_steps
-        lr_now = inner.eta_min + (cfg.train.lr - inner.eta_min) * (1 + math.cos(math.pi * progress)) / 2
-    else:
-        lr_now = cfg.train.lr
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.train.lr
-        if isinstance(group["lr"], torch.Tensor):  # train.cuda_graph: the captured step reads this tensor
-            group["lr"].fill_(lr_now)
-        else:
-            group["lr"] = lr_now
-    inner._last_lr = [lr_now] * len(inner.base_lrs)
-    changes = []
-    if lr_changed:
-        changes.append(f"train.lr {saved_lr:g} -> {cfg.train.lr:g}")
-    if schedule_changed:
-        changes.append(f"cosine schedule at step {position} of {total_steps} (was {saved_position} of "
-                       f"{saved_length})")
-    console.info(f"resumed with {', '.join(changes)}: learning rate now {lr_now:g}")
-
-
-def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) -> tuple[bool, Path]:
-    """Returns (resume?, run_dir). Moves an old run aside when resume=false."""
-    run_dir = cfg.run_dir
-    if checkpoint.complete_states(run_dir) and cfg.train.resume:
-        _check_resumable(run_dir, cfg)
-        return True, run_dir
-    if accelerator.is_main_process and run_dir.exists() and any(run_dir.iterdir()):
-        if not cfg.train.resume:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            moved = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
-            run_dir.rename(moved)
-            console.info(f"train.resume=false: moved the previous run to {moved}")
-    accelerator.wait_for_everyone()
-    return False, run_dir
-
-
-ROOM_FOR_LOGS_AND_FIGURES = 32 * 2**20  # metrics, PNGs, W&B's run files: a z2 run writes about 5 MiB of them
-
-
-def full_state_bytes(model: torch.nn.Module) -> int:
-    """About the size of one full training state: the float32 weights and Adam's two moments."""
-    return 3 * 4 * sum(p.numel() for p in model.parameters())
-
-
-def space_needed(model: torch.nn.Module, cfg: Config) -> int:
-    """Bytes a run directory needs at its fullest: train.keep_checkpoints full states plus the one being written
-    before the oldest is pruned, last.pt and best.pt (weights only), the model files W&B stages for upload when
-    log.checkpoint_artifacts is on, and room for logs and figures."""
-    full_state = full_state_bytes(model)
-    weights = full_state // 3
-    staged = 2 * weights * cfg.train.epochs if cfg.log.wandb and cfg.log.checkpoint_artifacts else 0
-    return (cfg.train.keep_checkpoints + 1) * full_state + 2 * weights + staged + ROOM_FOR_LOGS_AND_FIGURES
-
-
-def _bytes_held(run_dir: Path) -> int:
-    """What the run directory already holds of what space_needed counts (a resumed run reuses that room)."""
-    held = 0
-    for path in [run_dir / "last.pt", run_dir / "best.pt", *(run_dir / "checkpoints").rglob("*"),
-                 *(run_dir / "wandb" / "data").rglob("*")]:
-        try:
-            held += path.stat().st_size if path.is_file() else 0
-        except OSError:
-            pass
-    return held
-
-
-def _room_or_fail(run_dir: Path, needed: int) -> None:
-    free = shutil.disk_usage(run_dir).free
-    needed = max(needed - _bytes_held(run_dir), ROOM_FOR_LOGS_AND_FIGURES)
-    if free < needed:
-        raise TrainingError(f"run directory {run_dir} has {free / 2**20:.1f} MiB free, this run needs about "
-                            f"{needed / 2**20:.1f} MiB (checkpoints, model files, figures); free some space, "
-                            f"lower train.keep_checkpoints or pass run.dir=<a roomier path>")
-
-
-def _disk_full(error: BaseException, run_dir: Path) -> TrainingError | None:
-    """A write that failed for want of space, as the one-line error that says what is kept and what to do."""
-    if not (isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)):
-        return None
-    states = checkpoint.complete_states(run_dir)
-    kept = f"the last complete checkpoint ({states[-1][1].name}) is kept" if states else "no checkpoint was saved yet"
-    where = f" writing {error.filename}" if error.filename else ""
-    return TrainingError(f"no space left on the device{where}: {kept}; free some space and run the same command "
-                         f"again to resume")
-
-
-def _writable_or_fail(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
-    except OSError as e:
-        raise TrainingError(f"run directory {run_dir} is not writable ({e.strerror}); pass run.dir=<a writable "
-                            f"path> or free some space") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -392,7 +110,9 @@ def train_one_epoch(train_step: TrainStep, batches: EpochBatches, scheduler, acc
     # loss sum, images of the whole epoch, images trained by this start (fewer when resumed mid-epoch)
     totals = accelerator.reduce(torch.tensor([loss_sum, float(seen), float(seen - started_seen)],
                                              dtype=torch.float64, device=accelerator.device), reduction="sum")
-    per_rank = accelerator.gather(torch.tensor([seen], device=accelerator.device)).tolist()
+    # per process, the images it trained in this epoch since this start (a resumed epoch's earlier images are
+    # carried as one total)
+    per_rank = accelerator.gather(torch.tensor([seen - started_seen], device=accelerator.device)).tolist()
     mean_loss = (totals[0] / totals[1]).item()
     _stop_if_not_finite(mean_loss, epoch, step)
     # fp16's loss scaler skips the update of a step whose gradients overflowed (fused Adam then leaves its step
@@ -455,7 +175,6 @@ def evaluate_test_set(model, images: torch.Tensor, labels: torch.Tensor, noise: 
     """-ELBO, reconstruction and KL over exactly the whole test set. Each process scores its contiguous share of
     the images, in batches of about batch_size / N, with the noise `noise[i]` for image i (the same for any number
     of processes and any device), and the per-image numbers are gathered in image order."""
-    model = accelerator.unwrap_model(model)  # no DDP for a pass without gradients; autocast stays
     model.eval()
     lo, hi = share_bounds(len(images), accelerator.num_processes, accelerator.process_index)
     chunk = max(1, batch_size // accelerator.num_processes)
@@ -463,7 +182,8 @@ def evaluate_test_set(model, images: torch.Tensor, labels: torch.Tensor, noise: 
     for start in range(lo, hi, chunk):
         end = min(start + chunk, hi)
         x = to_unit_float(images[start:end].to(accelerator.device))
-        logits, mu, logvar = model(x, noise[start:end])
+        with accelerator.autocast():
+            logits, mu, logvar = model(x, noise[start:end])
         recon, kl = negative_elbo_terms(logits, x, mu, logvar)
         rows.append(torch.cat((recon[:, None], kl[:, None], mu.float()), dim=1))
     scores = gather_shares(torch.cat(rows), len(images), accelerator)
@@ -476,19 +196,6 @@ def evaluate_test_set(model, images: torch.Tensor, labels: torch.Tensor, noise: 
         "latent_means": scores[:, 2:],
         "labels": labels,
     }
-
-
-def gather_shares(local: torch.Tensor, count: int, accelerator: Accelerator) -> torch.Tensor:
-    """All processes' rows, in order, from shares split by share_bounds (of unequal sizes: each is padded to the
-    largest for the all-gather, and the padding dropped)."""
-    world = accelerator.num_processes
-    if world == 1:
-        return local
-    largest = -(-count // world)
-    padded = torch.cat((local, local.new_zeros(largest - len(local), *local.shape[1:])))
-    everything = accelerator.gather(padded)
-    return torch.cat([everything[rank * largest: rank * largest + (hi - lo)]
-                      for rank, (lo, hi) in enumerate(share_bounds(count, world, r) for r in range(world))])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -529,26 +236,6 @@ def save_full_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict
         checkpoint.prune_states(run_dir, keep)
     accelerator.wait_for_everyone()
     return checkpoint.state_dir(run_dir, step)
-
-
-def resume_full_state(accelerator: Accelerator, run_dir: Path, console: RunConsole) -> dict:
-    """Load the newest full state that loads; a damaged newer one is skipped with a warning."""
-    states = checkpoint.complete_states(run_dir)
-    failures = []
-    for _, directory in reversed(states):
-        try:
-            accelerator.load_state(str(directory))
-        except Exception as e:  # damaged (e.g. killed while saving, truncated) or of another shape
-            first = first_line(e)[:200]
-            failures.append(f"{directory.name}: {first}")
-            console.warn(f"cannot resume from {directory} ({first}); trying an older checkpoint")
-            continue
-        state = checkpoint.read_trainer_state(directory)
-        where = f"epoch {state['epoch']}" + (f", batch {state['batches_done']}" if state["batches_done"] else "")
-        console.info(f"resuming {run_dir} from {directory.name} ({where})")
-        return state
-    raise TrainingError(f"no checkpoint in {run_dir} could be loaded ({'; '.join(failures)}); pass a new "
-                        f"run.dir=... or train.resume=false to start over")
 
 
 def _stop_after_checkpoint(stop: StopRequest, accelerator: Accelerator, console: RunConsole, saved: Path,
@@ -603,22 +290,30 @@ def _param_checksum(model: torch.nn.Module) -> float:
 def train(cfg: Config) -> dict:
     """Train (or resume) the run described by `cfg`; returns the final metrics."""
     try:
-        return _train(cfg)
+        with contextlib.ExitStack() as cleanup:
+            return _train(cfg, cleanup)
     except OSError as error:  # any write, checkpoint or figure, that found the disk full
-        disk_full = _disk_full(error, cfg.run_dir)
+        disk_full = disk_full_error(error, cfg.run_dir)
         if disk_full is not None:
             raise disk_full from None
         raise
 
 
-def _train(cfg: Config) -> dict:
+def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     started = time.perf_counter()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     accelerator = make_accelerator(cfg)
     console = RunConsole(accelerator.is_main_process)
-    check_launch(cfg, accelerator, console)
+    check_training_launch(cfg, accelerator, console)
     main = accelerator.is_main_process
+    # The run directory: this training's alone (a second one there stops here), resumed or started afresh.
+    run_dir = cfg.run_dir
+    resume, lock = prepare_run_dir(cfg, accelerator, console)
+    if lock is not None:
+        cleanup.callback(lock.release)
+    if resume:
+        check_resumable(run_dir, cfg)
 
     # Data: the node's first process fetches and verifies; the others then only verify.
     with accelerator.local_main_process_first():
@@ -652,30 +347,29 @@ def _train(cfg: Config) -> dict:
     if cfg.train.compile:  # after prepare: the saved states keep the module's own parameter names
         model = torch.compile(model)
     train_step = make_train_step(cfg.train.cuda_graph, model, optimizer, accelerator, train_images,
-                                 cfg.model.z_dim, guard_nonfinite=cfg.train.skip_nonfinite > 0)
+                                 cfg.model.z_dim, full_batch=cfg.train.batch_size,
+                                 guard_nonfinite=cfg.train.skip_nonfinite > 0)
 
-    # Run directory: resume from the newest complete state, or start fresh.
-    resume, run_dir = prepare_run_dir(cfg, accelerator, console)
     state_bytes = full_state_bytes(raw_model)
     if main:
-        _writable_or_fail(run_dir)
-        _room_or_fail(run_dir, space_needed(raw_model, cfg))
+        room_or_fail(run_dir, space_needed(raw_model, cfg))
     accelerator.wait_for_everyone()
     start_epoch, step, skip_batches, partial = 1, 0, 0, {}
     best = {"val/loss": float("inf"), "epoch": None}
     if resume:
         resumed = resume_full_state(accelerator, run_dir, console)
         restore_step_settings(optimizer, accelerator.device, cfg.train.cuda_graph)
-        _check_mid_epoch_resume(cfg, resumed)
-        _follow_config_lr(optimizer, scheduler, cfg, total_steps,
+        check_mid_epoch_resume(cfg, resumed)
+        follow_config_lr(optimizer, scheduler, cfg, total_steps,
                           (resumed["epoch"] - 1) * steps_per_epoch + resumed["batches_done"], console)
         start_epoch, step, skip_batches, best = (resumed["epoch"], resumed["step"], resumed["batches_done"],
                                                  resumed["best"])
         partial = resumed.get("partial", {})
-    history = _read_metrics(run_dir / "metrics.jsonl", up_to_epoch=start_epoch - 1)
+    history = read_metrics(run_dir / "metrics.jsonl", up_to_epoch=start_epoch - 1)
 
     def test_pass() -> dict:
-        return evaluate_test_set(model, test_images_here, test_labels, test_noise, accelerator,
+        # the plain module: no DDP (no gradients here), no compiled graph to trace again for another shape
+        return evaluate_test_set(raw_model, test_images_here, test_labels, test_noise, accelerator,
                                  cfg.data.eval_batch_size)
 
     config_dict = config_to_dict(cfg)
@@ -710,7 +404,7 @@ def _train(cfg: Config) -> dict:
                 saved = save_full_state(accelerator, run_dir, {
                     "epoch": epoch, "batches_done": trained["batches_done"], "step": step, "best": best,
                     "partial": {"loss_sum": trained["loss_sum"], "seen": trained["seen"],
-                                "batch_order": _batch_order_settings(cfg)}},
+                                "batch_order": batch_order_settings(cfg)}},
                     cfg.train.keep_checkpoints, state_bytes)
                 _stop_after_checkpoint(stop, accelerator, console, saved, epoch, trained["batches_done"],
                                        steps_per_epoch)

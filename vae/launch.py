@@ -1,0 +1,150 @@
+"""The Accelerator and the launch checks that train.py and evaluate.py share: the launches that would start N
+processes each believing it is alone, and what a run records about where it ran.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import accelerate
+import torch
+from accelerate import Accelerator
+from accelerate.utils import AutocastKwargs
+
+from . import tracking
+from .config import Config, ConfigError
+from .console import RunConsole
+from .errors import HarnessError
+
+
+class LaunchError(HarnessError):
+    """The processes were started in a way that cannot train (or evaluate) as one job."""
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    return Accelerator(
+        cpu=cfg.train.cpu,
+        mixed_precision=cfg.train.mixed_precision,  # None: the launcher's --mixed_precision / config file
+        # The loop steps the schedule once per global batch, applied or skipped (Accelerate's default would step
+        # it N times per batch with N processes, and not at all after a skipped fp16 update).
+        step_scheduler_with_optimizer=False,
+        # A CUDA graph cannot hold autocast's cache of cast weights (torch.cuda.graphs' rule for autocast).
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if cfg.train.cuda_graph else [],
+        log_with=tracking.log_with(cfg.log.wandb),  # None when log.wandb=false: wandb is never imported
+    )
+
+
+# Launchers that start N copies of a script without the torch.distributed variables Accelerate reads: each copy
+# would believe it is process 0 of 1. (srun inside a job step, mpirun / Intel MPI / MPICH.)
+FOREIGN_LAUNCHERS = (("SLURM_STEP_NUM_TASKS", "srun"), ("OMPI_COMM_WORLD_SIZE", "mpirun"), ("PMI_SIZE", "mpirun"))
+
+
+def _launcher_process_count() -> tuple[int, str]:
+    """How many processes the user asked the launcher for, as far as this process can tell, and by what."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        return world, "accelerate launch"
+    for variable, launcher in FOREIGN_LAUNCHERS:
+        value = os.environ.get(variable, "")
+        if value.isdigit() and int(value) > 1:
+            return int(value), launcher
+    # `accelerate launch --cpu --num_processes 2` starts one process and sets nothing that says 2; the
+    # launcher's own command line (our parent process) still does.
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return 1, ""
+    args = [a.decode(errors="replace") for a in argv]
+    if "launch" not in args:
+        return 1, ""
+    for i, arg in enumerate(args):
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag and i + 1 < len(args) and args[i + 1].isdigit():
+                return int(args[i + 1]), "accelerate launch"
+            if arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+                return (int(value), "accelerate launch") if value.isdigit() else (1, "")
+    return 1, ""
+
+
+def check_processes(accelerator: Accelerator, cpu: bool, script: str) -> None:
+    """Stop a launch whose N processes would each run alone (train.py and evaluate.py alike)."""
+    requested, launcher = _launcher_process_count()
+    if requested <= 1 or accelerator.num_processes > 1:
+        return
+    if launcher != "accelerate launch":
+        fix = (f"start one `accelerate launch --multi_gpu --num_processes N {script} ...` per node instead (as "
+               f"slurm/train.sh and slurm/train_multinode.sh do)")
+    elif torch.cuda.is_available() and not cpu:
+        fix = "launch with --multi_gpu and one GPU per process"
+    else:
+        flag = "train.cpu=true" if script == "train.py" else "--cpu"
+        fix = (f"on CPU use: accelerate launch --multi_gpu --num_processes N {script} ... {flag} "
+               f"(the --cpu launcher flag starts a single process)")
+    raise LaunchError(f"launched as {requested} processes but Accelerate sees only one ({launcher} started them), "
+                      f"so each would run alone; {fix}")
+
+
+def check_training_launch(cfg: Config, accelerator: Accelerator, console: RunConsole) -> None:
+    check_processes(accelerator, cfg.train.cpu, "train.py")
+    if accelerator.num_processes > cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} images per step cannot be shared by "
+                          f"{accelerator.num_processes} processes; raise train.batch_size to at least "
+                          f"{accelerator.num_processes} or start fewer processes")
+    if cfg.train.cuda_graph:
+        _check_cuda_graph(cfg, accelerator)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        console.warn("fp16 mixed precision does nothing on CPU (Accelerate ignores it): training in fp32. "
+                     "Use bf16 for mixed precision on CPU, or fp16 on a GPU.")
+
+
+def _check_cuda_graph(cfg: Config, accelerator: Accelerator) -> None:
+    """train.cuda_graph replays one captured step: it needs CUDA, fixed work per step, and no host decision."""
+    problems = {
+        accelerator.device.type != "cuda": f"needs a CUDA device (this run is on {accelerator.device})",
+        accelerator.num_processes > 1: f"runs on one process (this run has {accelerator.num_processes})",
+        accelerator.mixed_precision == "fp16": "does not support fp16 (its loss scaler decides on the host); use "
+                                               "bf16",
+        cfg.train.compile: "and train.compile are exclusive",
+        cfg.data.on_device is False: "needs the images on the GPU (data.on_device=false keeps them on the host)",
+        cfg.train.skip_nonfinite > 0: "and train.skip_nonfinite (a per-step host check) are exclusive",
+    }
+    for bad, why in problems.items():
+        if bad:
+            raise ConfigError(f"train.cuda_graph: {why}; set train.cuda_graph=false or change the launch")
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def environment_info(accelerator: Accelerator) -> dict:
+    import torchvision
+
+    return {
+        "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": sys.argv,
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
+        "host": platform.node(),
+        "device": str(accelerator.device),
+        "device_name": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else
+        platform.processor() or platform.machine(),
+        "distributed_type": str(accelerator.distributed_type),
+        "num_processes": accelerator.num_processes,
+        "mixed_precision": accelerator.mixed_precision,
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,143 @@
+"""Resuming a run: which settings a resumed run may change, how the config wins over the saved optimizer and
+schedule, and which full state every process loads."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, synchronize_rng_states
+
+from . import checkpoint
+from .config import Config, config_from_dict
+from .console import RunConsole
+from .errors import HarnessError, TrainingError, first_line
+
+
+def saved_config(run_dir: Path) -> Config | None:
+    """The config of the run's last start (its config.yaml), or None when there is none or it does not load."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return None
+    import yaml
+
+    try:
+        return config_from_dict(yaml.safe_load(saved_path.read_text()))
+    except (HarnessError, yaml.YAMLError):
+        return None  # unreadable: the checkpoint load will say whether the state still fits
+
+
+def check_resumable(run_dir: Path, cfg: Config) -> None:
+    """Settings a resumed run cannot change: the model (the state would not fit) and the learning-rate schedule
+    (the saved scheduler state is of the other kind)."""
+    saved = saved_config(run_dir)
+    if saved is None:
+        return
+    if saved.model != cfg.model:
+        raise TrainingError(f"{run_dir} holds a run with a different model ({saved.model}); to train this one "
+                            f"pass a new run.dir=..., or train.resume=false to move the old run aside")
+    if saved.train.lr_schedule != cfg.train.lr_schedule:
+        raise TrainingError(f"{run_dir} was trained with train.lr_schedule={saved.train.lr_schedule}, not "
+                            f"{cfg.train.lr_schedule}; resume with the same schedule, or pass a new run.dir=...")
+
+
+# How an epoch's order is drawn (vae.data.EpochBatches); a mid-epoch state saved with another one cannot go on.
+BATCH_ORDER = "epoch-batches-1"
+
+
+def batch_order_settings(cfg: Config) -> dict:
+    """The settings that decide which images an epoch's batches hold, saved with a mid-epoch checkpoint."""
+    return {"order": BATCH_ORDER, "train.batch_size": cfg.train.batch_size, "train.seed": cfg.train.seed,
+            "data.train_subset": cfg.data.train_subset}
+
+
+def check_mid_epoch_resume(cfg: Config, state: dict) -> None:
+    """A run stopped mid-epoch goes on with the rest of that epoch's batches: only the same batch size, seed and
+    training subset give the same batches."""
+    if not state["batches_done"]:
+        return
+    saved = state.get("partial", {}).get("batch_order", {})
+    if saved.get("order") != BATCH_ORDER:
+        raise TrainingError(f"the run stopped in the middle of epoch {state['epoch']} under an older version of "
+                            f"this harness, whose batches were drawn differently; resume it with that version, or "
+                            f"pass a new run.dir=...")
+    for key, now in batch_order_settings(cfg).items():
+        if key in saved and saved[key] != now:
+            raise TrainingError(f"the run stopped in the middle of epoch {state['epoch']} with {key}={saved[key]}; "
+                                f"resume with {key}={saved[key]} (change it once that epoch is done), or pass a "
+                                f"new run.dir=...")
+
+
+def follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, position: int,
+                      console: RunConsole) -> None:
+    """A resumed optimizer and scheduler carry the learning rate and schedule of the run's earlier start. The
+    config wins: a changed train.lr (e.g. lowered after the loss diverged), or for a cosine schedule a changed
+    length (train.epochs) or steps per epoch (train.batch_size, data.train_subset), takes effect from the resumed
+    step on. `position`: where the run resumes, in steps of this start's schedule. Nothing is touched when
+    nothing changed, so an unchanged resume stays bit-exact."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
+    saved_lr = float(inner.base_lrs[0])  # a device tensor under train.cuda_graph
+    cosine = isinstance(inner, torch.optim.lr_scheduler.CosineAnnealingLR)
+    saved_length, saved_position = (inner.T_max, inner.last_epoch) if cosine else (None, None)
+    # isclose: under train.cuda_graph the saved rate is a float32 tensor (1e-3 reads back as 0.0010000000475)
+    lr_changed = not math.isclose(saved_lr, cfg.train.lr, rel_tol=1e-6)
+    schedule_changed = cosine and (saved_length, saved_position) != (total_steps, position)
+    if not (lr_changed or schedule_changed):
+        return
+    inner.base_lrs = [cfg.train.lr] * len(inner.base_lrs)
+    if cosine:
+        # The same fraction of the run done, in the new schedule's steps (the recursive form of
+        # CosineAnnealingLR carries on from the learning rate set here).
+        inner.T_max, inner.last_epoch = total_steps, position
+        progress = min(position, total_steps) / total_steps
+        lr_now = inner.eta_min + (cfg.train.lr - inner.eta_min) * (1 + math.cos(math.pi * progress)) / 2
+    else:
+        lr_now = cfg.train.lr
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.train.lr
+        if isinstance(group["lr"], torch.Tensor):  # train.cuda_graph: the captured step reads this tensor
+            group["lr"].fill_(lr_now)
+        else:
+            group["lr"] = lr_now
+    inner._last_lr = [lr_now] * len(inner.base_lrs)
+    changes = []
+    if lr_changed:
+        changes.append(f"train.lr {saved_lr:g} -> {cfg.train.lr:g}")
+    if schedule_changed:
+        changes.append(f"cosine schedule at step {position} of {total_steps} (was {saved_position} of "
+                       f"{saved_length})")
+    console.info(f"resumed with {', '.join(changes)}: learning rate now {lr_now:g}")
+
+
+def resume_full_state(accelerator: Accelerator, run_dir: Path, console: RunConsole) -> dict:
+    """Load the newest full state that loads; a damaged newer one is skipped with a warning."""
+    states = checkpoint.complete_states(run_dir)
+    failures = []
+    for _, directory in reversed(states):
+        try:
+            accelerator.load_state(str(directory))
+            problem = None
+        except Exception as e:  # damaged (e.g. killed while saving, truncated) or of another shape
+            problem = first_line(e)[:200]
+        # Every process resumes from the same state: one that failed anywhere is skipped everywhere.
+        problems = [p for p in gather_object([problem]) if p]
+        if problems:
+            failures.append(f"{directory.name}: {problems[0]}")
+            console.warn(f"cannot resume from {directory} ({problems[0]}); trying an older checkpoint")
+            continue
+        _same_noise_on_every_rank(accelerator)
+        state = checkpoint.read_trainer_state(directory)
+        where = f"epoch {state['epoch']}" + (f", batch {state['batches_done']}" if state["batches_done"] else "")
+        console.info(f"resuming {run_dir} from {directory.name} ({where})")
+        return state
+    raise TrainingError(f"no checkpoint in {run_dir} could be loaded ({'; '.join(failures)}); pass a new "
+                        f"run.dir=... or train.resume=false to start over")
+
+
+def _same_noise_on_every_rank(accelerator: Accelerator) -> None:
+    """The training noise is drawn alike on every rank (vae.step), so every rank carries rank 0's generator
+    state: also when the run resumes on more processes than saved it (the new ranks have no saved state)."""
+    if accelerator.num_processes > 1:
+        synchronize_rng_states(["torch", "cuda"] if accelerator.device.type == "cuda" else ["torch"])
