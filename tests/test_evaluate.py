@@ -61,16 +61,26 @@ def test_iwae_tightens_with_k_and_is_seeded(trained_run, tmp_path):
         assert repeat[key] == values[10][key]
 
 
-def test_two_processes_give_the_one_process_numbers(trained_run, tmp_path):
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
+def test_three_processes_give_the_one_process_numbers(trained_run, tmp_path):
+    # --batch-size 500 over 3 processes: shares of 3,334 / 3,333 / 3,333 images in batches of 166
+    one, three = tmp_path / "one.json", tmp_path / "three.json"
     assert_ok(_evaluate("--ckpt", str(trained_run), "--iwae-k", "20", "--out", str(one), "--no-figures"))
-    assert_ok(_evaluate("--ckpt", str(trained_run), "--iwae-k", "20", "--out", str(two), "--no-figures", "--cpu",
-                        launcher=["--multi_gpu", "--num_processes", "2"]))
-    a, b = json.loads(one.read_text()), json.loads(two.read_text())
-    assert b["num_processes"] == 2 and b["n_images"] == 10000
+    assert_ok(_evaluate("--ckpt", str(trained_run), "--iwae-k", "20", "--out", str(three), "--no-figures", "--cpu",
+                        "--batch-size", "500", launcher=["--multi_gpu", "--num_processes", "3"]))
+    a, b = json.loads(one.read_text()), json.loads(three.read_text())
+    assert b["num_processes"] == 3 and b["n_images"] == 10000
     for key in ("nelbo", "recon", "kl", "iwae_nll"):
         assert b[key] == pytest.approx(a[key], rel=1e-6), key
     assert b["active_units"] == a["active_units"]
+
+
+def test_n_processes_that_would_each_run_alone_are_refused(trained_run, tmp_path):
+    """Without --cpu on a machine without GPUs, the launcher starts 2 processes that each think they are alone."""
+    result = _evaluate("--ckpt", str(trained_run), "--out", str(tmp_path / "m.json"), "--no-figures",
+                       launcher=["--multi_gpu", "--num_processes", "2"])
+    assert result.returncode != 0
+    assert "launched as 2 processes but Accelerate sees only one" in result.stderr and "--cpu" in result.stderr
+    assert not (tmp_path / "m.json").exists()
 
 
 def _write_evil_checkpoint(path, marker):

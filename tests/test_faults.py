@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,26 +14,12 @@ import torch
 
 from vae.checkpoint import complete_states, load_model_file
 
-from .conftest import REPO, VENV_BIN, _env, accelerate_launch, assert_ok, python, read_jsonl, train_cmd
+from .conftest import REPO, VENV_BIN, accelerate_launch, assert_ok, python, read_jsonl, start, train_cmd, \
+    wait_until
 
 pytestmark = pytest.mark.slow
 
 LONG = ["data.train_subset=20000", "train.epochs=3", "log.figures=false"]
-
-
-def _start(args, launcher=None):
-    command = [*launcher, *args] if launcher else [sys.executable, *args]
-    return subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def _wait_until(condition, timeout=300, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _epochs_done(run_dir):
@@ -42,13 +27,28 @@ def _epochs_done(run_dir):
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
+def test_a_second_training_in_the_same_run_directory_is_refused_while_the_first_runs(tmp_path, mnist_root):
+    """Two terminals, a job submitted twice: the second stops at once, names the first, and touches nothing.
+    (A holder that died never blocks: the kill -9 test below resumes in the same directory.)"""
+    run_dir = tmp_path / "run"
+    first = start(train_cmd(run_dir, mnist_root, *LONG, "log.wandb=false"))
+    wait_until(lambda: (run_dir / "config.yaml").exists(), what="the first training to start")
+    second = python(*train_cmd(run_dir, mnist_root, *LONG, "log.wandb=false"))
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert second.stderr.startswith(f"error: {run_dir} is being trained by process {first.pid} on ")
+    assert len(second.stderr.strip().splitlines()) == 1
+    _, errors = first.communicate(timeout=600)
+    assert first.returncode == 0, errors[-2000:]
+    assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_kill_9_mid_epoch_then_same_command_equals_uninterrupted(tmp_path, mnist_root):
     """A SIGKILL cannot be caught: the run resumes from the last full checkpoint (end of epoch 1) and, since
     resuming from a checkpoint is exact, still ends with the uninterrupted run's parameters."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert_ok(python(*train_cmd(straight, mnist_root, *LONG)))
-    process = _start(train_cmd(killed, mnist_root, *LONG))
-    _wait_until(lambda: _epochs_done(killed) >= 1 and complete_states(killed), what="epoch 1 and its checkpoint")
+    process = start(train_cmd(killed, mnist_root, *LONG))
+    wait_until(lambda: _epochs_done(killed) >= 1 and complete_states(killed), what="epoch 1 and its checkpoint")
     time.sleep(0.5)
     process.kill()
     process.wait(timeout=60)
@@ -61,8 +61,8 @@ def test_kill_9_mid_epoch_then_same_command_equals_uninterrupted(tmp_path, mnist
 
 def test_second_ctrl_c_exits_at_once_and_leaves_a_usable_checkpoint(tmp_path, mnist_root):
     run_dir = tmp_path / "r"
-    process = _start(train_cmd(run_dir, mnist_root, *LONG))
-    _wait_until(lambda: _epochs_done(run_dir) >= 1, what="epoch 1")
+    process = start(train_cmd(run_dir, mnist_root, *LONG))
+    wait_until(lambda: _epochs_done(run_dir) >= 1, what="epoch 1")
     process.send_signal(signal.SIGINT)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -76,8 +76,8 @@ def test_second_ctrl_c_exits_at_once_and_leaves_a_usable_checkpoint(tmp_path, mn
 def test_a_dying_rank_does_not_leave_the_other_hanging(tmp_path, mnist_root):
     run_dir = tmp_path / "ddp"
     launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
-    process = _start(train_cmd(run_dir, mnist_root, "train.cpu=true", *LONG), launcher=launcher)
-    _wait_until(lambda: (run_dir / "metrics.jsonl").exists(), what="training to start")
+    process = start(train_cmd(run_dir, mnist_root, "train.cpu=true", *LONG), launcher=launcher)
+    wait_until(lambda: (run_dir / "metrics.jsonl").exists(), what="training to start")
     time.sleep(1.0)
     ranks = subprocess.run(["pgrep", "-f", f"run.dir={run_dir}"], capture_output=True, text=True).stdout.split()
     workers = [int(pid) for pid in ranks if int(pid) != process.pid and
@@ -90,7 +90,7 @@ def test_a_dying_rank_does_not_leave_the_other_hanging(tmp_path, mnist_root):
     assert process.returncode != 0
     assert time.monotonic() - started < 120
     assert "[rank0]: Traceback" not in stderr, stderr  # rank 0 says in one line that it lost rank 1
-    _wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and
                                 open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in workers),
                 timeout=60, what="both ranks to exit")
 
@@ -227,8 +227,8 @@ def test_the_space_check_counts_what_a_resumed_run_already_holds(small_disk, mni
 def test_a_disk_filling_up_mid_run_keeps_the_last_checkpoint_and_the_run_resumes(small_disk, mnist_root):
     run_dir = small_disk(96) / "run"
     args = train_cmd(run_dir, mnist_root, *LONG, "log.wandb=false")
-    process = _start(args)
-    _wait_until(lambda: complete_states(run_dir), what="the checkpoint of epoch 1")
+    process = start(args)
+    wait_until(lambda: complete_states(run_dir), what="the checkpoint of epoch 1")
     _fill(run_dir.parent)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 1, stderr
@@ -250,8 +250,8 @@ def test_a_disk_filling_up_under_ddp_is_one_line_from_each_process(small_disk, m
     line (accelerate's launcher still adds its own report of the failed processes)."""
     run_dir = small_disk(96) / "run"
     launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
-    process = _start(train_cmd(run_dir, mnist_root, "train.cpu=true", *LONG, "log.wandb=false"), launcher=launcher)
-    _wait_until(lambda: complete_states(run_dir), what="the checkpoint of epoch 1")
+    process = start(train_cmd(run_dir, mnist_root, "train.cpu=true", *LONG, "log.wandb=false"), launcher=launcher)
+    wait_until(lambda: complete_states(run_dir), what="the checkpoint of epoch 1")
     _fill(run_dir.parent)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode != 0

@@ -121,6 +121,19 @@ def test_train_sh_one_node(slurm, tmp_path, job_env, mnist_root):
     assert summary["num_processes"] == 1
 
 
+def test_srun_of_several_lone_python_processes_is_refused(slurm, tmp_path, job_env, mnist_root):
+    """`srun -n 2 python train.py` starts 2 processes without a process group: each would train alone, into
+    one run directory. Both stop before training, saying what to run instead."""
+    run = tmp_path / "run"
+    result = slurm.run("srun", "--nodes=1", "--ntasks=2", sys.executable, "train.py", "--config",
+                       "configs/debug.yaml", f"run.dir={run}", f"data.root={mnist_root}", check=False,
+                       env=job_env, timeout=180)
+    assert result.returncode != 0
+    assert "launched as 2 processes but Accelerate sees only one (srun started them)" in result.stderr
+    assert "accelerate launch --multi_gpu" in result.stderr and "Traceback" not in result.stderr
+    assert not (run / "metrics.jsonl").exists()
+
+
 def test_train_multinode_sh_one_run_over_two_nodes(slurm, tmp_path, job_env, mnist_root):
     run = tmp_path / "run"
     job = submit(slurm, tmp_path, "slurm/train_multinode.sh", "configs/debug.yaml", f"run.dir={run}",

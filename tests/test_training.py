@@ -7,7 +7,7 @@ import torch
 
 from vae.checkpoint import load_model_file
 
-from .conftest import accelerate_launch, assert_ok, python, read_jsonl, train_cmd
+from .conftest import VENV_BIN, accelerate_launch, assert_ok, python, read_jsonl, start, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -94,6 +94,37 @@ def test_three_processes_train_the_same_model_as_one(tmp_path, mnist_root):
     assert env["distributed_type"] == "DistributedType.MULTI_CPU"
     # only the main process prints
     assert result.stdout.count("epoch   1 ") == 1
+
+
+def test_stopped_mid_epoch_on_2_processes_then_resumed_on_3_trains_the_1_process_model(tmp_path, mnist_root):
+    """The number of processes is a deployment detail: the partial epoch's sums, the noise generator and the
+    batch order carry over to another process count."""
+    import signal
+
+    from vae.checkpoint import complete_states, read_trainer_state
+
+    # 1,510 images: 30 batches of 50 and one of 10 per epoch. SIGTERM before the first step: the processes agree
+    # on stopping at their first poll, after step 10, so the stop is mid-epoch on any machine.
+    settings = ("log.figures=false", "log.wandb=false", "train.epochs=2", "data.train_subset=1510", "train.cpu=true")
+    alone, moved = tmp_path / "alone", tmp_path / "moved"
+    assert_ok(python(*train_cmd(alone, mnist_root, *settings)))
+    launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes"]
+    two = start(train_cmd(moved, mnist_root, *settings), launcher=[*launcher, "2"])
+    _wait_for_line(two, "run directory")
+    two.send_signal(signal.SIGTERM)  # the launcher passes it to both processes
+    two.communicate(timeout=300)
+    state = read_trainer_state(complete_states(moved)[-1][1])
+    assert (state["epoch"], state["batches_done"]) == (1, 10), state
+    assert_ok(accelerate_launch(*launcher[2:], "3", *train_cmd(moved, mnist_root, *settings)))
+    a, b = _final_weights(alone), _final_weights(moved)
+    for key in a:  # float reordering only (DDP's all-reduce), over 62 steps
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    rows, alone_rows = read_jsonl(moved / "metrics.jsonl"), read_jsonl(alone / "metrics.jsonl")
+    for row, alone_row in zip(rows, alone_rows, strict=True):
+        assert row["train/loss"] == pytest.approx(alone_row["train/loss"], abs=1e-3)
+        assert row["val/loss"] == pytest.approx(alone_row["val/loss"], abs=1e-3)
+    assert rows[1]["samples_per_rank"] == [514, 513, 483]  # 30 x (17, 17, 16) + (4, 3, 3)
+    assert rows[0]["samples_per_rank"] == [344, 343, 323]  # epoch 1 after the resume: 20 x (17, 17, 16) + (4, 3, 3)
 
 
 def test_multi_process_launch_without_cpu_flag_is_refused(tmp_path, mnist_root):

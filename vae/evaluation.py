@@ -13,15 +13,15 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
 from matplotlib.figure import Figure
 
 from . import plots, tracking
 from .checkpoint import CheckpointError, atomic_write_text, load_model_file
 from .config import Config, config_from_dict
 from .console import RunConsole
-from .data import MNISTTensors, ensure_mnist, load_mnist, make_loader, to_unit_float
+from .data import ensure_mnist, gather_shares, load_mnist, share_bounds, to_unit_float
 from .errors import HarnessError
+from .launch import check_processes
 from .metrics import summarize, score_batch
 from .model import VAE
 
@@ -30,14 +30,6 @@ SAMPLE_GRID = 64
 MANIFOLD_SIZE = 20
 INTERPOLATION_PAIRS, INTERPOLATION_STEPS = 6, 10
 FIGURE_SEED = 1234  # fixed z for the samples figure, so figures of different checkpoints are comparable
-
-
-class IndexedMNIST(MNISTTensors):
-    """Batches carry each image's global index: per-image noise is seeded from it (see vae.metrics)."""
-
-    def __getitems__(self, indices: list[int]):
-        images, labels = super().__getitems__(indices)
-        return images, labels, torch.as_tensor(indices, device=images.device)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -103,6 +95,25 @@ def model_figures(model: VAE, test_images: torch.Tensor, latents: torch.Tensor, 
     return figures
 
 
+def _score_test_set(model: VAE, images: torch.Tensor, accelerator: Accelerator, batch_size: int, iwae_k: int,
+                    seed: int) -> dict[str, torch.Tensor]:
+    """Per-image metrics of all test images, in image order, on every process: each process scores its contiguous
+    share (vae.data.share_bounds) in batches of about batch_size / N, then the shares are gathered."""
+    world = accelerator.num_processes
+    if world > len(images):
+        raise HarnessError(f"{world} processes for {len(images)} test images: start at most {len(images)}")
+    lo, hi = share_bounds(len(images), world, accelerator.process_index)
+    chunk = max(1, batch_size // world)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(lo, hi, chunk):
+        end = min(start + chunk, hi)
+        x = to_unit_float(images[start:end].to(accelerator.device))
+        scores = score_batch(model, x, torch.arange(start, end), iwae_k=iwae_k, seed=seed)
+        for key, value in scores.items():
+            parts.setdefault(key, []).append(value)
+    return {key: gather_shares(torch.cat(values), len(images), accelerator) for key, values in parts.items()}
+
+
 def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | Path | None = None,
              out_dir: str | Path | None = None, batch_size: int = 500, cpu: bool = False,
              data_root: str | None = None, figures: bool = True, wandb: bool = False) -> dict:
@@ -115,31 +126,17 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
     started = time.perf_counter()
     path = resolve_checkpoint(ckpt)
     model, cfg, payload = load_model(path)
-    accelerator = Accelerator(cpu=cpu, dataloader_config=DataLoaderConfiguration(split_batches=True),
-                              log_with=tracking.log_with(wandb))
+    accelerator = Accelerator(cpu=cpu, log_with=tracking.log_with(wandb))
+    check_processes(accelerator, cpu, "evaluate.py")
     console = RunConsole(accelerator.is_main_process)
-    if batch_size % accelerator.num_processes:
-        raise HarnessError(f"--batch-size: must be divisible by the number of processes "
-                           f"({accelerator.num_processes}) (got {batch_size})")
     root = data_root or cfg.data.root
     with accelerator.local_main_process_first():
         ensure_mnist(root, download=cfg.data.download, say=console.info)
     images, labels = load_mnist(root, train=False)
-    loader = accelerator.prepare(make_loader(IndexedMNIST(images, labels), batch_size, shuffle=False, seed=seed))
     model.to(accelerator.device).eval()
-
-    parts: dict[str, list[torch.Tensor]] = {}
-    for batch_images, batch_labels, indices in loader:
-        scores = score_batch(model, to_unit_float(batch_images), indices, iwae_k=iwae_k, seed=seed)
-        scores.update(labels=batch_labels, index=indices)
-        for key, value in accelerator.gather_for_metrics(scores).items():
-            parts.setdefault(key, []).append(value.cpu())
-    per_image = {key: torch.cat(values) for key, values in parts.items()}
-    order = per_image["index"].argsort()
-    per_image = {key: value[order] for key, value in per_image.items()}
-    if not torch.equal(per_image["index"], torch.arange(len(images))):
-        raise HarnessError(f"evaluation covered {len(per_image['index'])} images, not each of the {len(images)} "
-                           f"test images once")  # a sharding bug, never the user's input
+    per_image = {key: value.cpu() for key, value in _score_test_set(model, images, accelerator, batch_size,
+                                                                      iwae_k, seed).items()}
+    per_image["labels"] = labels
 
     metrics = summarize(per_image)
     results = {
