@@ -127,6 +127,25 @@ def test_stopped_mid_epoch_on_2_processes_then_resumed_on_3_trains_the_1_process
     assert rows[0]["samples_per_rank"] == [344, 343, 323]  # epoch 1 after the resume: 20 x (17, 17, 16) + (4, 3, 3)
 
 
+def test_compile_trains_like_eager_and_its_states_resume_without_it(tmp_path, mnist_root):
+    """train.compile on the CPU (Inductor, with a recompile for the short last batch): the same model up to fused
+    float arithmetic, and full states with the module's own parameter names, so a resume may drop compile."""
+    from safetensors.torch import load_file
+
+    settings = ("log.figures=false", "log.wandb=false", "data.train_subset=1010")
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert_ok(python(*train_cmd(eager, mnist_root, *settings)))
+    assert_ok(python(*train_cmd(compiled, mnist_root, *settings, "train.compile=true")))
+    a, b = _final_weights(eager), _final_weights(compiled)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
+    state = load_file(next((compiled / "checkpoints").glob("step_*/model.safetensors")))
+    assert sorted(state) == sorted(a)  # no "_orig_mod." prefix
+    resumed = python(*train_cmd(compiled, mnist_root, *settings, "train.epochs=2"))
+    assert_ok(resumed)
+    assert "resuming" in resumed.stdout and "cannot resume" not in resumed.stderr + resumed.stdout
+
+
 def test_multi_process_launch_without_cpu_flag_is_refused(tmp_path, mnist_root):
     """On a machine without GPUs the launcher starts N processes that each think they are alone."""
     result = accelerate_launch("--multi_gpu", "--num_processes", "2", *train_cmd(tmp_path / "r", mnist_root))
