@@ -1,10 +1,12 @@
 #!/bin/bash
 # Train the VAE on ONE node of a Slurm cluster: one process per GPU of the allocation (DDP), or one CPU process.
+# It asks for one GPU: a 0.6 M-parameter model trains fastest on one (its step is ~60 small kernels, which a
+# batch split over N GPUs does not shorten, and DDP adds an all-reduce per step; see README, Slurm).
 #
-#   sbatch slurm/train.sh                                         # configs/z2.yaml, 1 node, all its GPUs
+#   sbatch slurm/train.sh                                         # configs/z2.yaml, 1 GPU
 #   sbatch slurm/train.sh configs/z20.yaml train.epochs=50        # [CONFIG] [section.key=value ...]
-#   sbatch --gres=gpu:4 slurm/train.sh configs/z20.yaml           # a node with at least 4 GPUs
-#   GPUS_PER_NODE=0 sbatch slurm/train.sh configs/debug.yaml      # CPU-only partitions
+#   sbatch --gres=gpu:4 slurm/train.sh configs/z20.yaml           # 4 GPUs of one node, 4 processes (DDP)
+#   GPUS_PER_NODE=0 sbatch --gres=none slurm/train.sh configs/debug.yaml   # CPU-only partitions
 #   RUN_DIR=runs/z20-long sbatch slurm/train.sh configs/z20.yaml  # another run directory
 #
 # Preemption and time limits: 180 s before the end Slurm sends SIGUSR1 to this script, which passes it to the
@@ -19,9 +21,9 @@
 #SBATCH --open-mode=append             # a requeued job appends to its output file instead of wiping it
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1            # one launcher; it starts one process per GPU
-#SBATCH --exclusive                    # the whole node: every GPU and CPU of it (--gres then picks the node)
-#SBATCH --mem=0                        # and all its memory
-#SBATCH --cpus-per-task=2              # at least this many CPUs (--exclusive gives all of them anyway)
+#SBATCH --gres=gpu:1                   # one GPU (more: sbatch --gres=gpu:N; CPU-only partitions: --gres=none)
+#SBATCH --mem=4G                       # the dataset is 55 MB: a few GB are plenty
+#SBATCH --cpus-per-task=2              # CPUs for the launcher and the data (more with sbatch -c N)
 #SBATCH --time=02:00:00
 #SBATCH --requeue                      # may be requeued (preemption, node failure, the USR1 below)
 #SBATCH --signal=B:USR1@180            # SIGUSR1 to this script 180 s (up to 60 s more) before the time limit

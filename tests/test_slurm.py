@@ -111,8 +111,9 @@ def assert_finished_run(run: Path, epochs: int) -> dict:
 
 def test_train_sh_one_node(slurm, tmp_path, job_env, mnist_root):
     run = tmp_path / "run"
+    # --gres=none: the script asks for one GPU, and this cluster has none (as on a CPU-only partition)
     job = submit(slurm, tmp_path, "slurm/train.sh", "configs/debug.yaml", f"run.dir={run}",
-                 f"data.root={mnist_root}", env=job_env)
+                 f"data.root={mnist_root}", sbatch_args=["--gres=none"], env=job_env)
     record, output = finished(slurm, job)
     assert (tmp_path / f"slurm-vae-{job}.out").is_file()  # the script's job name, in the output file name
     assert f"job {job}" in output and f"run dir:    {run}" in output and "configs/debug.yaml" in output
@@ -176,7 +177,7 @@ def interrupted(slurm, tmp_path_factory, mnist_root):
         tmp = tmp_path_factory.mktemp(name)
         run = tmp / "run"
         job = submit(slurm, tmp, "slurm/train.sh", "configs/debug.yaml", f"run.dir={run}",
-                     f"data.root={mnist_root}", *LONG, env=_job_env())
+                     f"data.root={mnist_root}", *LONG, sbatch_args=["--gres=none"], env=_job_env())
         wait_until(slurm, job, lambda: ready(run), f"{name}: the moment to interrupt")
         time.sleep(delay)
         slurm.run(*command, job)
