@@ -10,6 +10,7 @@ each process trains its share of every batch (vae.data.EpochBatches) with the no
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import time
@@ -299,6 +300,33 @@ def train(cfg: Config) -> dict:
         raise
 
 
+@dataclasses.dataclass
+class TrainingData:
+    train_images: torch.Tensor  # uint8 [N, 784], on the data's device
+    test_images: torch.Tensor  # uint8 [10000, 784], on the CPU (for the figures)
+    test_images_here: torch.Tensor  # the same, on the data's device
+    test_labels: torch.Tensor
+    test_noise: torch.Tensor  # one N(0, I) draw per test image, on the model's device
+    batches: EpochBatches
+
+
+def _load_data(cfg: Config, accelerator: Accelerator, console: RunConsole) -> TrainingData:
+    # The node's first process fetches and verifies; the others then only verify.
+    with accelerator.local_main_process_first():
+        ensure_mnist(cfg.data.root, download=cfg.data.download, say=console.info)
+    train_images = load_mnist(cfg.data.root, train=True)[0][: cfg.data.train_subset]
+    test_images, test_labels = load_mnist(cfg.data.root, train=False)
+    data_device = accelerator.device if _data_on_device(cfg, accelerator) else torch.device("cpu")
+    train_images = train_images.to(data_device)
+    # The test pass's noise: one fixed draw per image, so val/loss moves only with the model, and is the same
+    # on any device and any number of processes.
+    test_noise = torch.randn(len(test_images), cfg.model.z_dim,
+                             generator=torch.Generator().manual_seed(cfg.train.seed)).to(accelerator.device)
+    batches = EpochBatches(train_images, cfg.train.batch_size, cfg.train.seed, accelerator.process_index,
+                           accelerator.num_processes)
+    return TrainingData(train_images, test_images, test_images.to(data_device), test_labels, test_noise, batches)
+
+
 def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     started = time.perf_counter()
     if cfg.train.num_threads:
@@ -315,21 +343,8 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     if resume:
         check_resumable(run_dir, cfg)
 
-    # Data: the node's first process fetches and verifies; the others then only verify.
-    with accelerator.local_main_process_first():
-        ensure_mnist(cfg.data.root, download=cfg.data.download, say=console.info)
-    train_images, train_labels = load_mnist(cfg.data.root, train=True)
-    test_images, test_labels = load_mnist(cfg.data.root, train=False)
-    if cfg.data.train_subset:
-        train_images, train_labels = train_images[: cfg.data.train_subset], train_labels[: cfg.data.train_subset]
-    data_device = accelerator.device if _data_on_device(cfg, accelerator) else torch.device("cpu")
-    train_images, test_images_here = train_images.to(data_device), test_images.to(data_device)
-    batches = EpochBatches(train_images, cfg.train.batch_size, cfg.train.seed, accelerator.process_index,
-                           accelerator.num_processes)
-    # The test pass's noise: one fixed draw per image, so val/loss moves only with the model, and is the same
-    # on any device and any number of processes.
-    test_noise = torch.randn(len(test_images), cfg.model.z_dim,
-                             generator=torch.Generator().manual_seed(cfg.train.seed)).to(accelerator.device)
+    data = _load_data(cfg, accelerator, console)
+    train_images, test_images, batches = data.train_images, data.test_images, data.batches
 
     # Model and optimisation. Every rank is seeded alike and stays alike: the training noise of a global batch
     # is drawn whole on every rank (vae.step), so 1 or N processes train the same model.
@@ -369,7 +384,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
 
     def test_pass() -> dict:
         # the plain module: no DDP (no gradients here), no compiled graph to trace again for another shape
-        return evaluate_test_set(raw_model, test_images_here, test_labels, test_noise, accelerator,
+        return evaluate_test_set(raw_model, data.test_images_here, data.test_labels, data.test_noise, accelerator,
                                  cfg.data.eval_batch_size)
 
     config_dict = config_to_dict(cfg)
