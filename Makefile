@@ -1,13 +1,13 @@
 # Two commands set everything up on a fresh machine:
 #   make train   venv + install + MNIST + the z2 run (configs/z2.yaml)
-#   make test    venv + install + MNIST + the whole test suite
+#   make test    venv + install + MNIST + the linter (ruff) + the whole test suite
 VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 CONFIG  ?= configs/z2.yaml
 DATA    ?= data
 
-.PHONY: venv data train test test-fast bench clean
+.PHONY: venv data train lint test test-fast bench clean
 
 venv: $(VENV)/.installed
 
@@ -21,19 +21,24 @@ data: venv
 	$(PY) -c "from vae.data import ensure_mnist; ensure_mnist('$(DATA)')"
 
 train: venv data
-	$(VENV)/bin/accelerate launch train.py --config $(CONFIG)
+	$(VENV)/bin/accelerate launch train.py --config $(CONFIG) data.root=$(DATA)
 
-test: venv data
-	$(PY) -m pytest
+lint: venv
+	$(PY) -m ruff check .
+
+test: venv data lint
+	VAE_TEST_DATA=$(abspath $(DATA)) $(PY) -m pytest
 
 test-fast: venv data
-	$(PY) -m pytest -m "not slow"
+	VAE_TEST_DATA=$(abspath $(DATA)) $(PY) -m pytest -m "not slow"
 
 bench: venv data
 	$(PY) benchmarks/throughput.py
 
+# Caches only: trained runs (runs/) and MNIST (data/) are never deleted by make.
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 # One-shot check on a rented GPU machine: its own Python (no venv, no pip, no network), the repo on PYTHONPATH.
 #   make gpu-check OUT=gpu-report     (report.md, report.json and logs in OUT; see benchmarks/gpu_check.py)

@@ -2,7 +2,7 @@
 
     accelerate launch train.py --config configs/z2.yaml [section.key=value ...]
 
-Everything else (defaults, what each key means) is in vae/config.py and the README.
+Everything else (defaults, what each key means) is in vae/config.py and docs/configuration.md.
 """
 
 import sys

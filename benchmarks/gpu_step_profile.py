@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vae.config import load_config  # noqa: E402
 from vae.data import EpochBatches, ensure_mnist, load_mnist  # noqa: E402
+from vae.launch import make_accelerator  # noqa: E402
 from vae.model import VAE  # noqa: E402
 from vae.step import make_optimizer, make_train_step  # noqa: E402
-from vae.launch import make_accelerator  # noqa: E402
 
 
 def _steps(train_step, batches: EpochBatches, count: int) -> None:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Train the VAE on ONE node of a Slurm cluster: one process per GPU of the allocation (DDP), or one CPU process.
 # It asks for one GPU: a 0.6 M-parameter model trains fastest on one (its step is ~60 small kernels, which a
-# batch split over N GPUs does not shorten, and DDP adds an all-reduce per step; see README, Slurm).
+# batch split over N GPUs does not shorten, and DDP adds an all-reduce per step; see docs/slurm.md).
 #
 #   sbatch slurm/train.sh                                         # configs/z2.yaml, 1 GPU
 #   sbatch slurm/train.sh configs/z20.yaml train.epochs=50        # [CONFIG] [section.key=value ...]

@@ -48,8 +48,12 @@ def accelerate_launch(*args: str, **kw) -> subprocess.CompletedProcess:
     return run_cmd([str(VENV_BIN / "accelerate"), "launch", *args], **kw)
 
 
-def train_cmd(run_dir: Path, mnist_root: Path, *overrides: str, config: str = "configs/debug.yaml") -> list[str]:
-    return ["train.py", "--config", config, f"run.dir={run_dir}", f"data.root={mnist_root}", *overrides]
+def train_cmd(run_dir: Path, mnist_root: Path, *overrides: str, config: str = "configs/debug.yaml",
+              wandb: bool = False) -> list[str]:
+    """train.py's arguments. W&B is off unless a test is about it (wandb=True, or log.wandb=true among the
+    overrides, which come later and win): starting it costs seconds per run."""
+    quiet = [] if wandb else ["log.wandb=false"]
+    return ["train.py", "--config", config, f"run.dir={run_dir}", f"data.root={mnist_root}", *quiet, *overrides]
 
 
 def assert_ok(result: subprocess.CompletedProcess) -> None:

@@ -229,7 +229,7 @@ PartitionName={PARTITION} Nodes={NODES[0][:-1]}[1-{len(NODES)}] Default=YES MaxT
                                                 stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
 
-    def start(self, timeout: float = 60) -> "SlurmCluster":
+    def start(self, timeout: float = 60) -> SlurmCluster:
         self.write_conf()
         ctld = shutil.which("slurmctld", path=SEARCH_PATH)
         slurmd = shutil.which("slurmd", path=SEARCH_PATH)

@@ -37,7 +37,7 @@ def test_a_run_writes_only_its_own_folders_with_the_users_umask(tmp_path, mnist_
     env = {k: v for k, v in env.items() if not k.startswith("WANDB_") and k != "NETRC"}
     before = _repo_snapshot()
     result = subprocess.run([sys.executable, *train_cmd(run_dir, mnist_root, "train.epochs=2",
-                                                        "log.checkpoint_artifacts=true")],
+                                                        "log.checkpoint_artifacts=true", wandb=True)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
                             stdin=subprocess.DEVNULL, preexec_fn=lambda: os.umask(UMASK))
     assert_ok(result)

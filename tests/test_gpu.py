@@ -172,7 +172,7 @@ def test_cuda_graph_trains_like_eager(precision, tmp_path, mnist_root):
                 "train.lr_schedule=cosine")
     eager = _train(tmp_path / "eager", mnist_root, *settings)
     graphed = _train(tmp_path / "graph", mnist_root, *settings, "train.cuda_graph=true")
-    for a, b in zip(eager, graphed):
+    for a, b in zip(eager, graphed, strict=True):
         assert b["val/loss"] == pytest.approx(a["val/loss"], abs=0.5 if precision == "no" else 2.0)
         assert b["train/loss"] == pytest.approx(a["train/loss"], abs=0.5 if precision == "no" else 2.0)
         assert b["samples_per_rank"] == a["samples_per_rank"] == [2030]
@@ -189,6 +189,6 @@ def test_an_eager_run_resumes_under_the_cuda_graph_and_back(tmp_path, mnist_root
     _train(run_dir, mnist_root, *settings, "train.epochs=2", "train.cuda_graph=true")
     switched = _train(run_dir, mnist_root, *settings, "train.epochs=3")
     assert [r["epoch"] for r in switched] == [1, 2, 3]
-    for a, b in zip(straight, switched):
+    for a, b in zip(straight, switched, strict=True):
         assert b["lr"] == pytest.approx(1e-3)
         assert b["val/loss"] == pytest.approx(a["val/loss"], abs=0.5)

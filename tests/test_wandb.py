@@ -19,8 +19,7 @@ from vae.config import ConfigError, LogConfig, load_config
 from vae.console import RunConsole
 from vae.tracking import RUN_FILE, Tracker
 
-from .conftest import (REPO, VENV_BIN, _env, accelerate_launch, assert_ok, python, read_jsonl, run_cmd,
-                       train_cmd)
+from .conftest import REPO, VENV_BIN, _env, accelerate_launch, assert_ok, python, read_jsonl, run_cmd, train_cmd
 from .wandb_records import BLOCK, WandbFileError, iter_payloads, offline_run_dirs, read_offline_run, wandb_file
 
 FAKE_KEY = "vaeharnesstest" + "0" * 30  # the shape of an API key (40+ word characters), not a real one
@@ -69,7 +68,7 @@ def offline_run(tmp_path_factory, mnist_root, no_credentials):
     repo_wandb_before = (REPO / "wandb").exists()
     # WANDB_MODE unset, as for a user who never ran `wandb login`: the harness itself must choose offline
     # (no_credentials guarantees there is nothing to upload with).
-    result = python(*train_cmd(run_dir, mnist_root, *RUN_OVERRIDES), env={"WANDB_MODE": None}, timeout=300)
+    result = python(*train_cmd(run_dir, mnist_root, *RUN_OVERRIDES, wandb=True), env={"WANDB_MODE": None}, timeout=300)
     assert_ok(result)
     if not repo_wandb_before:
         assert not (REPO / "wandb").exists(), "W&B wrote into the repository root"
@@ -116,7 +115,7 @@ def test_config_history_and_summary(offline_run):
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     epochs = run.rows_with("val/loss")
     assert [r["epoch"] for r in epochs] == [1, 2]
-    for row, line in zip(epochs, metrics):
+    for row, line in zip(epochs, metrics, strict=True):
         assert row["val/loss"] == pytest.approx(line["val/loss"]) and row["_step"] == line["step"]
         assert row["train/epoch_loss"] == pytest.approx(line["train/loss"])
     # epoch-level charts use `epoch` as their x-axis
@@ -162,7 +161,7 @@ def test_resume_continues_the_same_run_in_a_second_offline_segment(offline_run, 
     run_dir = tmp_path / "run"
     shutil.copytree(source, run_dir, symlinks=True)
     overrides = [o for o in RUN_OVERRIDES if not o.startswith("train.epochs")] + ["train.epochs=3"]
-    result = python(*train_cmd(run_dir, mnist_root, *overrides), timeout=300)
+    result = python(*train_cmd(run_dir, mnist_root, *overrides, wandb=True), timeout=300)
     assert_ok(result)
     assert "resuming" in result.stdout
     first, second = (read_offline_run(d) for d in offline_run_dirs(run_dir))
@@ -191,7 +190,7 @@ def test_sigterm_marks_the_run_preempted_and_the_requeued_job_continues_it(tmp_p
     """What Slurm does before a time limit or a preemption: SIGTERM (or SIGUSR1), then the job runs again."""
     run_dir = tmp_path / "r"
     args = train_cmd(run_dir, mnist_root, "data.train_subset=6000", "train.epochs=3", "log.figures=false",
-                     "log.images_every_epochs=0")
+                     "log.images_every_epochs=0", wandb=True)
     process = subprocess.Popen([sys.executable, *args], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -243,7 +242,7 @@ def test_evaluate_logs_into_the_same_run(offline_run, tmp_path):
 def test_two_process_ddp_writes_one_offline_run_and_never_the_api_key(tmp_path, mnist_root):
     run_dir = tmp_path / "ddp"
     result = accelerate_launch("--multi_gpu", "--num_processes", "2",
-                               *train_cmd(run_dir, mnist_root, "train.cpu=true", "log.figures=false"),
+                               *train_cmd(run_dir, mnist_root, "train.cpu=true", "log.figures=false", wandb=True),
                                env={"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY}, timeout=300)
     assert_ok(result)
     segments = offline_run_dirs(run_dir)
@@ -305,7 +304,7 @@ runpy.run_path("train.py", run_name="__main__")
 def test_broken_wandb_does_not_stop_training(where, warning, tmp_path, mnist_root):
     run_dir = tmp_path / "r"
     result = python("-c", BROKEN, where, *train_cmd(run_dir, mnist_root, "data.train_subset=500",
-                                                     "log.every_steps=2")[1:],
+                                                     "log.every_steps=2", wandb=True)[1:],
                     env={"WANDB_MODE": "offline"}, timeout=300)
     assert_ok(result)
     assert result.stdout.count(warning) == 1 and result.stdout.count("going on without W&B") == 1

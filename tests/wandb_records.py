@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 HEADER = struct.Struct("<4sHB")
 IDENT, MAGIC = b":W&B", 0xBEE1

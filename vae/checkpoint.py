@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
-from .errors import HarnessError
+from .errors import HarnessError, TrainingError, first_line
 
 FORMAT_VERSION = 1
 KIND = "vae-mnist-model"
@@ -100,23 +102,33 @@ def atomic_write_bytes(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
+# What other writers say when the disk is full: safetensors (Rust's io::Error), and torch.save's stream writer,
+# which reports a short write without its cause.
+_DISK_FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+_SHORT_WRITE_WORDS = ("file write failed", "unexpected pos")
+
+
 def as_disk_full(error: BaseException, directory: Path, room_needed: int) -> OSError | None:
-    """The failure of a write into `directory` by another library (safetensors, torch.save to a path) as
-    OSError(ENOSPC) when a full disk is its cause: the library said so, or, with what it half-wrote removed,
-    there is less room left than the write needed. None when the disk is not the cause."""
+    """The failure of a write into `directory` by another library as OSError(ENOSPC) when a full disk is its cause:
+    the error is ENOSPC/EDQUOT or says so, or it is a short write by torch.save (which hides the cause) and, with
+    what it half-wrote removed, there is less room left than the write needed. None for any other failure."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return error
     if not isinstance(error, Exception):
         return None
-    said_so = any(text in str(error) for text in ("No space left on device", "os error 28",
-                                                  "Disk quota exceeded", "os error 122"))
-    try:
-        too_little = shutil.disk_usage(directory).free < room_needed
-    except OSError:
-        too_little = False
-    if said_so or too_little:
+    text = str(error)
+    if any(words in text for words in _DISK_FULL_WORDS):
+        return OSError(errno.ENOSPC, "No space left on device", str(directory))
+    if any(words in text for words in _SHORT_WRITE_WORDS) and _free_bytes(directory) < room_needed:
         return OSError(errno.ENOSPC, "No space left on device", str(directory))
     return None
+
+
+def _free_bytes(directory: Path) -> int:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return 1 << 62  # unknown: not evidence of a full disk
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -156,8 +168,7 @@ def load_model_file(path: str | Path) -> dict[str, Any]:
                               f"than tensors and plain containers{f' ({detail})' if detail else ''} and was not "
                               f"executed; use a last.pt/best.pt written by train.py") from None
     except Exception as e:  # torch.load raises many types on garbage (KeyError, EOFError, RuntimeError, ...)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated or corrupt? {first}); "
+        raise CheckpointError(f"'{path}' is not a readable checkpoint (truncated or corrupt? {first_line(e)}); "
                               f"use another checkpoint, e.g. best.pt or last.pt of the run") from None
     if not isinstance(payload, dict) or payload.get("kind") != KIND:
         raise CheckpointError(f"'{path}' is not a model file of this harness (expected last.pt/best.pt written "
@@ -230,3 +241,40 @@ def prune_states(run_dir: Path, keep: int) -> list[Path]:
             if child.name.startswith(".step_") and child.name.endswith(".partial"):
                 shutil.rmtree(child, ignore_errors=True)
     return removed
+
+
+def save_full_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict, keep: int,
+                    state_bytes: int) -> Path:
+    """Every rank calls this: each writes its share of the state (model, optimizer, scheduler, scaler, its RNG)
+    into the step's `.partial` folder; the main process then marks it complete (trainer_state.json, see
+    vae.run_state) and prunes older states. state_bytes: about how much a state takes (to tell a full disk from
+    other failures). A failure on any rank stops every rank with one line; the older states stay as they were."""
+    step = trainer_state["step"]
+    unfinished = partial_state_dir(run_dir, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(unfinished, ignore_errors=True)
+        unfinished.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    failure = None
+    try:
+        accelerator.save_state(str(unfinished))
+    except Exception as error:  # e.g. the disk filled up
+        failure = error
+    # Every rank learns whether any failed (no rank left waiting for one that gave up), and why.
+    reasons = gather_object([first_line(failure) if failure is not None else None])
+    if any(reasons):
+        if accelerator.is_main_process:  # give the space back
+            shutil.rmtree(unfinished, ignore_errors=True)
+        if failure is not None:
+            disk_full = as_disk_full(failure, unfinished.parent, state_bytes)
+            if disk_full is None or disk_full is failure:
+                raise failure  # a full disk (train() says so in one line), or a bug whose traceback a report needs
+            raise disk_full from failure
+        raise TrainingError(f"could not save the checkpoint of step {step}: " + "; ".join(
+            f"process rank {rank}: {reason}" for rank, reason in enumerate(reasons) if reason))
+    if accelerator.is_main_process:
+        follow_umask(unfinished)
+        commit_state(run_dir, step, trainer_state)
+        prune_states(run_dir, keep)
+    accelerator.wait_for_everyone()
+    return state_dir(run_dir, step)

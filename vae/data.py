@@ -14,6 +14,7 @@ every batch (`share_bounds`) and results come back in image order (`gather_share
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .config import Config
 from .errors import HarnessError
 
 # The original distribution's uncompressed files: name -> (md5, size in bytes).
@@ -216,3 +218,32 @@ class EpochBatches:
             lo, hi = self.share(batch)
             first = batch * self.batch_size
             yield order[first + lo: first + hi], self.global_size(batch), (lo, hi)
+
+
+@dataclasses.dataclass
+class TrainingData:
+    train_images: torch.Tensor  # uint8 [N, 784], on the data's device
+    test_images: torch.Tensor  # uint8 [10000, 784], on the CPU (for the figures)
+    test_images_here: torch.Tensor  # the same, on the data's device
+    test_labels: torch.Tensor
+    test_noise: torch.Tensor  # one N(0, I) draw per test image, on the model's device
+    batches: EpochBatches
+
+
+def load_training_data(cfg: Config, accelerator, say=print) -> TrainingData:
+    """The training images (on the device with data.on_device), the test set and its fixed noise, the batches."""
+    # The node's first process fetches and verifies; the others then only verify.
+    with accelerator.local_main_process_first():
+        ensure_mnist(cfg.data.root, download=cfg.data.download, say=say)
+    train_images = load_mnist(cfg.data.root, train=True)[0][: cfg.data.train_subset]
+    test_images, test_labels = load_mnist(cfg.data.root, train=False)
+    on_device = cfg.data.on_device if cfg.data.on_device is not None else accelerator.device.type == "cuda"
+    data_device = accelerator.device if on_device else torch.device("cpu")
+    train_images = train_images.to(data_device)
+    # The test pass's noise: one fixed draw per image, so val/loss moves only with the model, and is the same
+    # on any device and any number of processes.
+    test_noise = torch.randn(len(test_images), cfg.model.z_dim,
+                             generator=torch.Generator().manual_seed(cfg.train.seed)).to(accelerator.device)
+    batches = EpochBatches(train_images, cfg.train.batch_size, cfg.train.seed, accelerator.process_index,
+                           accelerator.num_processes)
+    return TrainingData(train_images, test_images, test_images.to(data_device), test_labels, test_noise, batches)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 # What a collective (all-reduce, barrier) raises when another process of the launch has died: gloo's connection
 # is closed or reset, NCCL's communicator is aborted, the rendezvous store is gone. Only these: any other failure

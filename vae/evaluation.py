@@ -1,7 +1,9 @@
-"""Evaluate a checkpoint on the full MNIST test set: metrics (vae.metrics) and figures, on any number of processes.
+"""The test set, scored: the training loop's test pass after each epoch (`evaluate_test_set`), and evaluate.py's
+full evaluation of a checkpoint (`evaluate`: metrics from vae.metrics, figures from vae.figures).
 
-Only the test DataLoader goes through Accelerate (it shards the 10,000 images); the model is not wrapped, as
-nothing is trained. gather_for_metrics drops the images Accelerate repeats to even out the last batch.
+Both split the 10,000 images into one contiguous share per process (vae.data.share_bounds) and gather the
+per-image numbers in image order, so 1 or N processes give the same numbers; the model is not wrapped, as nothing
+is trained here.
 """
 
 from __future__ import annotations
@@ -13,23 +15,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from matplotlib.figure import Figure
 
-from . import plots, tracking
+from . import tracking
 from .checkpoint import CheckpointError, atomic_write_text, load_model_file
 from .config import Config, config_from_dict
 from .console import RunConsole
 from .data import ensure_mnist, gather_shares, load_mnist, share_bounds, to_unit_float
-from .errors import HarnessError
+from .errors import HarnessError, first_line
+from .figures import model_figures, save_figures
 from .launch import check_processes
-from .metrics import summarize, score_batch
-from .model import VAE
-
-RECONSTRUCTION_DIGITS = 10
-SAMPLE_GRID = 64
-MANIFOLD_SIZE = 20
-INTERPOLATION_PAIRS, INTERPOLATION_STEPS = 6, 10
-FIGURE_SEED = 1234  # fixed z for the samples figure, so figures of different checkpoints are comparable
+from .metrics import score_batch, summarize
+from .model import VAE, negative_elbo_terms
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -57,42 +53,37 @@ def load_model(path: Path) -> tuple[VAE, Config, dict]:
     try:
         model.load_state_dict(payload["model"])
     except (RuntimeError, KeyError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"'{path}': weights do not fit its model config {cfg.model} ({first})") from None
+        raise CheckpointError(f"'{path}': weights do not fit its model config {cfg.model} ({first_line(e)})") from None
     return model, cfg, payload
 
 
 @torch.no_grad()
-def model_figures(model: VAE, test_images: torch.Tensor, latents: torch.Tensor, labels: torch.Tensor,
-                  device: torch.device) -> dict[str, Figure]:
-    """The figures of a trained model: reconstructions, samples, latent space (+ manifold for z=2),
-    interpolations."""
+def evaluate_test_set(model, images: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor,
+                      accelerator: Accelerator, batch_size: int) -> dict:
+    """-ELBO, reconstruction and KL over exactly the whole test set. Each process scores its contiguous share of
+    the images, in batches of about batch_size / N, with the noise `noise[i]` for image i (the same for any number
+    of processes and any device), and the per-image numbers are gathered in image order."""
     model.eval()
-    originals = to_unit_float(test_images[:RECONSTRUCTION_DIGITS].to(device))
-    mu, _ = model.encoder(originals)
-    generator = torch.Generator().manual_seed(FIGURE_SEED)
-    z = torch.randn(SAMPLE_GRID, model.z_dim, generator=generator).to(device)
-    figures = {
-        "reconstructions.png": plots.reconstructions(originals, torch.sigmoid(model.decoder(mu))),
-        "samples.png": plots.samples(torch.sigmoid(model.decoder(z))),
-        "latent.png": plots.latent_scatter(latents, labels),
+    lo, hi = share_bounds(len(images), accelerator.num_processes, accelerator.process_index)
+    chunk = max(1, batch_size // accelerator.num_processes)
+    rows = [torch.zeros(0, 2 + noise.shape[1], device=accelerator.device)]
+    for start in range(lo, hi, chunk):
+        end = min(start + chunk, hi)
+        x = to_unit_float(images[start:end].to(accelerator.device))
+        with accelerator.autocast():
+            logits, mu, logvar = model(x, noise[start:end])
+        recon, kl = negative_elbo_terms(logits, x, mu, logvar)
+        rows.append(torch.cat((recon[:, None], kl[:, None], mu.float()), dim=1))
+    scores = gather_shares(torch.cat(rows), len(images), accelerator)
+    recon, kl = scores[:, 0], scores[:, 1]
+    return {
+        "val/loss": (recon + kl).mean().item(),
+        "val/recon": recon.mean().item(),
+        "val/kl": kl.mean().item(),
+        "n_images": len(recon),
+        "latent_means": scores[:, 2:],
+        "labels": labels,
     }
-    if model.z_dim == 2:
-        quantiles = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, MANIFOLD_SIZE))
-        z1, z0 = torch.meshgrid(quantiles.flip(0), quantiles, indexing="ij")  # rows: z[1] high -> low
-        grid = torch.stack([z0.reshape(-1), z1.reshape(-1)], dim=1).to(device)
-        figures["manifold.png"] = plots.manifold(torch.sigmoid(model.decoder(grid)), quantiles)
-    # Pairs of consecutive test digits with different labels.
-    ends = []
-    for i in range(len(labels) - 1):
-        if labels[i] != labels[i + 1]:
-            ends.append((i, i + 1))
-        if len(ends) == INTERPOLATION_PAIRS:
-            break
-    t = torch.linspace(0, 1, INTERPOLATION_STEPS, device=device)[:, None]
-    lines = [(1 - t) * latents[a].to(device) + t * latents[b].to(device) for a, b in ends]
-    figures["interpolation.png"] = plots.interpolations(torch.sigmoid(model.decoder(torch.cat(lines))), len(ends))
-    return figures
 
 
 def _score_test_set(model: VAE, images: torch.Tensor, accelerator: Accelerator, batch_size: int, iwae_k: int,
@@ -157,8 +148,7 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         atomic_write_text(out, json.dumps(results, indent=1))
         drawn = model_figures(model, images, per_image["mu"], per_image["labels"], accelerator.device) \
             if figures else {}
-        for name, fig in drawn.items():
-            plots.save(fig, out_dir / name)
+        save_figures(drawn, out_dir)
         console.summary_table(f"{path} (epoch {payload.get('epoch')}), {metrics['n_images']} test images, "
                               f"nats per image", {
                                   "-ELBO (nelbo)": metrics["nelbo"], "recon": metrics["recon"], "kl": metrics["kl"],

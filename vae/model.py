@@ -17,7 +17,7 @@ from .data import IMAGE_PIXELS
 
 def _mlp(widths: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+    for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
         layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
     return nn.Sequential(*layers)
 
@@ -54,7 +54,7 @@ class VAE(nn.Module):
         self.decoder = Decoder(z_dim, hidden)
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "VAE":
+    def from_config(cls, cfg: ModelConfig) -> VAE:
         return cls(z_dim=cfg.z_dim, hidden=tuple(cfg.hidden))
 
     def forward(self, x: torch.Tensor,

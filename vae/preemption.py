@@ -12,6 +12,9 @@ import os
 import signal
 import subprocess
 import threading
+from pathlib import Path
+
+from .errors import TrainingError
 
 HANDLED = ("SIGUSR1", "SIGTERM", "SIGINT")
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 138}
@@ -26,7 +29,7 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signal_name is not None
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be set from the main thread; nothing to catch then
         for name in HANDLED:
@@ -62,3 +65,22 @@ def requeue_slurm_job(job_id: str) -> str:
         reason = (result.stderr.strip() or result.stdout.strip() or f"exit {result.returncode}").splitlines()[0]
         return f"could not requeue Slurm job {job_id} ({reason}); resubmit it to resume"
     return f"requeued Slurm job {job_id}; it resumes from this checkpoint"
+
+
+def leave_after_checkpoint(stop: StopRequest, accelerator, saved: Path, where: str) -> None:
+    """After the checkpoint of a requested stop (every process calls this): under Slurm, SIGUSR1 requeues the job;
+    then every process leaves with one line saying where the run stopped and how it goes on, and the signal's
+    exit code."""
+    message = f"stopped by {stop.signal_name} at {where}; saved {saved}"
+    job = slurm_job_id()
+    if stop.signal_name == "SIGUSR1" and job:
+        if accelerator.is_main_process:
+            message += "; " + requeue_slurm_job(job)
+    elif job:  # SIGTERM from Slurm: scancel, preemption, a time limit, or its own requeue
+        message += "; if Slurm requeues the job it resumes from here, else submit the same command again"
+    else:
+        message += "; run the same command again to resume"
+    accelerator.wait_for_everyone()
+    error = TrainingError(message)
+    error.exit_code = EXIT_CODES.get(stop.signal_name, 1)
+    raise error

@@ -14,6 +14,8 @@ from . import checkpoint
 from .config import Config, config_from_dict
 from .console import RunConsole
 from .errors import HarnessError, TrainingError, first_line
+from .run_dir import read_metrics
+from .run_state import RunState
 
 
 def saved_config(run_dir: Path) -> Config | None:
@@ -53,55 +55,54 @@ def batch_order_settings(cfg: Config) -> dict:
             "data.train_subset": cfg.data.train_subset}
 
 
-def check_mid_epoch_resume(cfg: Config, state: dict) -> None:
+def check_mid_epoch_resume(cfg: Config, state: RunState) -> None:
     """A run stopped mid-epoch goes on with the rest of that epoch's batches: only the same batch size, seed and
     training subset give the same batches."""
-    if not state["batches_done"]:
+    if not state.mid_epoch:
         return
-    saved = state.get("partial", {}).get("batch_order", {})
+    saved = state.so_far.batch_order
     if saved.get("order") != BATCH_ORDER:
-        raise TrainingError(f"the run stopped in the middle of epoch {state['epoch']} under an older version of "
+        raise TrainingError(f"the run stopped in the middle of epoch {state.epoch} under an older version of "
                             f"this harness, whose batches were drawn differently; resume it with that version, or "
                             f"pass a new run.dir=...")
     for key, now in batch_order_settings(cfg).items():
         if key in saved and saved[key] != now:
-            raise TrainingError(f"the run stopped in the middle of epoch {state['epoch']} with {key}={saved[key]}; "
+            raise TrainingError(f"the run stopped in the middle of epoch {state.epoch} with {key}={saved[key]}; "
                                 f"resume with {key}={saved[key]} (change it once that epoch is done), or pass a "
                                 f"new run.dir=...")
 
 
 def follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, position: int,
                       console: RunConsole) -> None:
-    """A resumed optimizer and scheduler carry the learning rate and schedule of the run's earlier start. The
-    config wins: a changed train.lr (e.g. lowered after the loss diverged), or for a cosine schedule a changed
+    """A resumed optimizer (and cosine scheduler) carry the learning rate and schedule of the run's earlier start.
+    The config wins: a changed train.lr (e.g. lowered after the loss diverged), or for a cosine schedule a changed
     length (train.epochs) or steps per epoch (train.batch_size, data.train_subset), takes effect from the resumed
-    step on. `position`: where the run resumes, in steps of this start's schedule. Nothing is touched when
-    nothing changed, so an unchanged resume stays bit-exact."""
+    step on. `position`: where the run resumes, in steps of this start's schedule; scheduler: None for a constant
+    rate. Nothing is touched when nothing changed, so an unchanged resume stays bit-exact."""
     inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
-    saved_lr = float(inner.base_lrs[0])  # a device tensor under train.cuda_graph
-    cosine = isinstance(inner, torch.optim.lr_scheduler.CosineAnnealingLR)
-    saved_length, saved_position = (inner.T_max, inner.last_epoch) if cosine else (None, None)
+    groups = getattr(optimizer, "optimizer", optimizer).param_groups
+    saved_lr = float(inner.base_lrs[0] if inner is not None else groups[0]["lr"])  # a tensor under cuda_graph
+    saved_length, saved_position = (inner.T_max, inner.last_epoch) if inner is not None else (None, None)
     # isclose: under train.cuda_graph the saved rate is a float32 tensor (1e-3 reads back as 0.0010000000475)
     lr_changed = not math.isclose(saved_lr, cfg.train.lr, rel_tol=1e-6)
-    schedule_changed = cosine and (saved_length, saved_position) != (total_steps, position)
+    schedule_changed = inner is not None and (saved_length, saved_position) != (total_steps, position)
     if not (lr_changed or schedule_changed):
         return
-    inner.base_lrs = [cfg.train.lr] * len(inner.base_lrs)
-    if cosine:
+    lr_now = cfg.train.lr
+    if inner is not None:
         # The same fraction of the run done, in the new schedule's steps (the recursive form of
         # CosineAnnealingLR carries on from the learning rate set here).
+        inner.base_lrs = [cfg.train.lr] * len(inner.base_lrs)
         inner.T_max, inner.last_epoch = total_steps, position
         progress = min(position, total_steps) / total_steps
         lr_now = inner.eta_min + (cfg.train.lr - inner.eta_min) * (1 + math.cos(math.pi * progress)) / 2
-    else:
-        lr_now = cfg.train.lr
-    for group in optimizer.param_groups:
+        inner._last_lr = [lr_now] * len(inner.base_lrs)
+    for group in groups:
         group["initial_lr"] = cfg.train.lr
         if isinstance(group["lr"], torch.Tensor):  # train.cuda_graph: the captured step reads this tensor
             group["lr"].fill_(lr_now)
         else:
             group["lr"] = lr_now
-    inner._last_lr = [lr_now] * len(inner.base_lrs)
     changes = []
     if lr_changed:
         changes.append(f"train.lr {saved_lr:g} -> {cfg.train.lr:g}")
@@ -111,8 +112,9 @@ def follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, positi
     console.info(f"resumed with {', '.join(changes)}: learning rate now {lr_now:g}")
 
 
-def resume_full_state(accelerator: Accelerator, run_dir: Path, console: RunConsole) -> dict:
-    """Load the newest full state that loads; a damaged newer one is skipped with a warning."""
+def resume_full_state(accelerator: Accelerator, run_dir: Path, console: RunConsole) -> RunState:
+    """Load the newest full state that loads; a damaged newer one is skipped with a warning. Returns where the run
+    stands, with the metrics.jsonl rows of the epochs that state had finished."""
     states = checkpoint.complete_states(run_dir)
     failures = []
     for _, directory in reversed(states):
@@ -128,8 +130,9 @@ def resume_full_state(accelerator: Accelerator, run_dir: Path, console: RunConso
             console.warn(f"cannot resume from {directory} ({problems[0]}); trying an older checkpoint")
             continue
         _same_noise_on_every_rank(accelerator)
-        state = checkpoint.read_trainer_state(directory)
-        where = f"epoch {state['epoch']}" + (f", batch {state['batches_done']}" if state["batches_done"] else "")
+        state = RunState.from_trainer_state(checkpoint.read_trainer_state(directory))
+        state.history = read_metrics(run_dir / "metrics.jsonl", up_to_epoch=state.epoch - 1)
+        where = f"epoch {state.epoch}" + (f", batch {state.batches_done}" if state.mid_epoch else "")
         console.info(f"resuming {run_dir} from {directory.name} ({where})")
         return state
     raise TrainingError(f"no checkpoint in {run_dir} could be loaded ({'; '.join(failures)}); pass a new "

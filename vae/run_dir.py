@@ -42,7 +42,7 @@ class RunDirLock:
     def __init__(self, run_dir: Path):
         self.run_dir, self.fd = run_dir, None
 
-    def acquire(self) -> "RunDirLock":
+    def acquire(self) -> RunDirLock:
         fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+from .console import RunConsole
 from .data import to_unit_float
+from .errors import TrainingError
 from .model import negative_elbo_terms
 
 # Eager steps run on a side stream before the graph is captured, as torch.cuda.graphs asks: they initialise
@@ -133,6 +135,31 @@ def _not_finite_on_any_rank(loss: torch.Tensor, accelerator: Accelerator) -> boo
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")
     return bool(bad.item() > 0)
+
+
+def applied_updates(optimizer) -> int:
+    """How many updates Adam has applied (its step count; one sync when it lives on the device)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    for state in inner.state.values():
+        return int(state["step"]) if "step" in state else 0
+    return 0
+
+
+class NonFiniteSteps:
+    """train.skip_nonfinite: how many training steps with a non-finite loss this start may skip (their update is
+    not applied) before it stops. 0, the default, stops at the first periodic check that sees one."""
+
+    def __init__(self, limit: int, console: RunConsole):
+        self.limit, self.skipped, self.console = limit, 0, console
+
+    def skip(self, epoch: int, step: int) -> None:
+        self.skipped += 1
+        if self.skipped > self.limit:
+            raise TrainingError(f"training loss was not finite at epoch {epoch}, step {step}, more than "
+                                f"train.skip_nonfinite={self.limit} times; the last good checkpoint is kept. Lower "
+                                f"train.lr (or check the data) and re-run to resume from it")
+        self.console.warn(f"training loss not finite at epoch {epoch}, step {step}: update skipped "
+                          f"({self.skipped} of at most {self.limit}, train.skip_nonfinite)")
 
 
 def make_train_step(cuda_graph: bool, *args, full_batch: int, **kwargs) -> TrainStep:

@@ -174,7 +174,7 @@ class Tracker:
 
     @classmethod
     def start(cls, accelerator, console: RunConsole, *, log, run_name: str | None, run_dir: Path,
-              config: dict | None, resumed: bool) -> "Tracker":
+              config: dict | None, resumed: bool) -> Tracker:
         """Start (or continue) the run directory's W&B run. `log` is the LogConfig; `resumed`: whether this
         continues the run directory's training (then its W&B run id is reused, else a new one is made)."""
         tracker = cls(accelerator, console)
@@ -339,7 +339,7 @@ class Tracker:
         return self.run is not None and every > 0 and (epoch % every == 0 or epoch == last_epoch)
 
     def log_figures(self, figures: dict, latents, labels, epoch: int, step: int, prefix: str = "") -> None:
-        """figures: name.png -> matplotlib Figure (vae.evaluation.model_figures); latents [N, z] with labels [N]:
+        """figures: name.png -> matplotlib Figure (vae.figures.model_figures); latents [N, z] with labels [N]:
         an interactive table (the latents, or their 2-D PCA projection when z > 2) and its scatter plot."""
         if self.run is None or step <= self.logged_before:
             return
@@ -353,7 +353,7 @@ class Tracker:
                                       for name, fig in figures.items()}
             points, xlabel, ylabel = project_2d(latents)
             x, y = ("z0", "z1") if latents.shape[1] <= 2 else ("pc1", "pc2")
-            rows = [[a, b, int(c)] for (a, b), c in zip(points.tolist(), labels.cpu().tolist())]
+            rows = [[a, b, int(c)] for (a, b), c in zip(points.tolist(), labels.cpu().tolist(), strict=True)]
             table = wandb.Table(columns=[x, y, "digit"], data=rows)
             values[f"{prefix}latent/means"] = wandb.plot.scatter(
                 table, x, y, title=f"Test set latent means, epoch {epoch} ({xlabel} vs {ylabel})")

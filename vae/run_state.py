@@ -1,0 +1,69 @@
+"""Where a run stands: its counters as one object, saved as trainer_state.json with every full checkpoint
+(vae.checkpoint) and read back when the run resumes.
+
+A state saved at the end of an epoch says "start epoch e at batch 0"; one saved when a stop arrived mid-epoch says
+"epoch e, after `batches_done` batches", and carries what that epoch had summed so far (over all processes) and
+the settings that decide its batches, so the resumed epoch reports the loss of all its images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass
+class EpochSoFar:
+    """The sums of an epoch stopped part-way, over all processes' images."""
+
+    loss_sum: float = 0.0  # summed -ELBO of the images trained so far in the epoch
+    seen: int = 0  # how many images that is
+    batch_order: dict = dataclasses.field(default_factory=dict)  # vae.resume.batch_order_settings when saved
+
+
+@dataclasses.dataclass
+class RunState:
+    epoch: int = 1  # the epoch to train (next, or on with when stopped mid-epoch)
+    step: int = 0  # optimizer steps since the run began, over all its starts
+    batches_done: int = 0  # batches of `epoch` already trained
+    best_loss: float = math.inf  # the lowest val/loss so far, and its epoch
+    best_epoch: int | None = None
+    so_far: EpochSoFar = dataclasses.field(default_factory=EpochSoFar)
+    history: list[dict] = dataclasses.field(default_factory=list)  # metrics.jsonl rows (kept there, not here)
+
+    @property
+    def mid_epoch(self) -> bool:
+        return self.batches_done > 0
+
+    def trainer_state(self) -> dict:
+        """What trainer_state.json holds (JSON: plain numbers, strings and containers)."""
+        state = {"epoch": self.epoch, "batches_done": self.batches_done, "step": self.step,
+                 "best": {"val/loss": self.best_loss, "epoch": self.best_epoch}}
+        if self.mid_epoch:
+            state["epoch_so_far"] = dataclasses.asdict(self.so_far)
+        return state
+
+    @classmethod
+    def from_trainer_state(cls, state: dict, history: list[dict] | None = None) -> RunState:
+        best = state.get("best") or {}
+        # "partial": the same sums under their name in states written before 2026-11
+        so_far = state.get("epoch_so_far", state.get("partial")) or {}
+        return cls(epoch=state["epoch"], step=state["step"], batches_done=state["batches_done"],
+                   best_loss=float(best.get("val/loss", math.inf)), best_epoch=best.get("epoch"),
+                   so_far=EpochSoFar(float(so_far.get("loss_sum", 0.0)), int(so_far.get("seen", 0)),
+                                     dict(so_far.get("batch_order", {}))),
+                   history=list(history or []))
+
+    def stopped_at(self, batches_done: int, loss_sum: float, seen: int, batch_order: dict) -> None:
+        """A stop arrived after `batches_done` batches of the current epoch."""
+        self.batches_done = batches_done
+        self.so_far = EpochSoFar(loss_sum, seen, batch_order)
+
+    def finish_epoch(self, row: dict) -> bool:
+        """Record an epoch's metrics row and move on to the next epoch; True when its val/loss is the best yet."""
+        self.history.append(row)
+        improved = row["val/loss"] < self.best_loss
+        if improved:
+            self.best_loss, self.best_epoch = row["val/loss"], row["epoch"]
+        self.epoch, self.batches_done, self.so_far = row["epoch"] + 1, 0, EpochSoFar()
+        return improved
