@@ -1,16 +1,22 @@
 """The figures of a trained model, drawn the same way by the training loop (each epoch for W&B, at the end as PNGs)
-and by evaluate.py: reconstructions, samples, the latent space, the 2-D manifold and interpolations."""
+and by evaluate.py: reconstructions, samples, the latent space, the 2-D manifold and interpolations.
+
+matplotlib (vae.plots) is imported at the first figure, not with this module: a run's first step need not wait
+for it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from matplotlib.figure import Figure
 
-from . import plots
 from .data import to_unit_float
 from .model import VAE
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 RECONSTRUCTION_DIGITS = 10
 SAMPLE_GRID = 64
@@ -24,6 +30,8 @@ def model_figures(model: VAE, test_images: torch.Tensor, latents: torch.Tensor, 
                   device: torch.device) -> dict[str, Figure]:
     """The figures of a trained model: reconstructions, samples, latent space (+ manifold for z=2),
     interpolations."""
+    from . import plots
+
     model.eval()
     originals = to_unit_float(test_images[:RECONSTRUCTION_DIGITS].to(device))
     mu, _ = model.encoder(originals)
@@ -53,4 +61,12 @@ def model_figures(model: VAE, test_images: torch.Tensor, latents: torch.Tensor, 
 
 
 def save_figures(figures: dict[str, Figure], out_dir: Path) -> list[Path]:
+    from . import plots
+
     return [plots.save(fig, Path(out_dir) / name) for name, fig in figures.items()]
+
+
+def loss_curve(history: list[dict]) -> Figure:
+    from . import plots
+
+    return plots.loss_curve(history)

@@ -4,6 +4,7 @@ processes each believing it is alone, and what a run records about where it ran.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -129,15 +130,13 @@ def _git_commit() -> str | None:
 
 
 def environment_info(accelerator: Accelerator) -> dict:
-    import torchvision
-
     return {
         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": sys.argv,
         "git_commit": _git_commit(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": _version_of("torchvision"),  # not imported: seconds of start-up for a version string
         "accelerate": accelerate.__version__,
         "host": platform.node(),
         "device": str(accelerator.device),
@@ -148,3 +147,10 @@ def environment_info(accelerator: Accelerator) -> dict:
         "mixed_precision": accelerator.mixed_precision,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _version_of(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None

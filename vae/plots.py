@@ -10,15 +10,23 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from torchvision.utils import make_grid
 
 DIGIT_COLORS = "tab10"
 
 
-def _grid_image(images: torch.Tensor, nrow: int) -> torch.Tensor:
-    """[N, 784] in [0, 1] -> [H, W] image of a grid of 28x28 digits."""
-    tiles = images.detach().float().cpu().clamp(0, 1).reshape(-1, 1, 28, 28)
-    return make_grid(tiles, nrow=nrow, padding=2, pad_value=1.0)[0]
+def _grid_image(images: torch.Tensor, nrow: int, padding: int = 2) -> torch.Tensor:
+    """[N, 784] in [0, 1] -> [H, W] image of a grid of 28x28 digits, `nrow` per row, on white, laid out as
+    torchvision.utils.make_grid lays them (whose package import, which pulls in torch._dynamo, would cost every
+    run seconds of start-up)."""
+    tiles = images.detach().float().cpu().clamp(0, 1).reshape(-1, 28, 28)
+    columns = min(nrow, len(tiles))
+    rows = -(-len(tiles) // columns)
+    cell = 28 + padding
+    grid = torch.ones(rows * cell + padding, columns * cell + padding)
+    for index, tile in enumerate(tiles):
+        top, left = (index // columns) * cell + padding, (index % columns) * cell + padding
+        grid[top: top + 28, left: left + 28] = tile
+    return grid
 
 
 def loss_curve(history: list[dict]) -> Figure:

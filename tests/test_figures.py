@@ -1,0 +1,30 @@
+"""The figures' building blocks, and the start-up they must not cost."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vae.plots import _grid_image
+
+from .conftest import REPO
+
+
+@pytest.mark.parametrize("count, per_row", [(20, 10), (64, 8), (23, 8), (3, 5), (400, 20)])
+def test_digit_grid_is_laid_out_as_torchvision_make_grid(count, per_row):
+    from torchvision.utils import make_grid
+
+    images = torch.rand(count, 784)
+    expected = make_grid(images.reshape(-1, 1, 28, 28), nrow=per_row, padding=2, pad_value=1.0)[0]
+    assert torch.equal(_grid_image(images, per_row), expected)
+
+
+def test_the_training_loop_imports_no_plotting_tracking_or_torchvision_before_its_first_step():
+    """torchvision's import pulls in torch._dynamo, matplotlib's takes a second, wandb's several: none of them is
+    needed before the first training step (figures import matplotlib when the first one is drawn)."""
+    code = "import sys, vae.training, vae.evaluation; print(sorted(m for m in ('torchvision', 'matplotlib', " \
+           "'wandb') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
