@@ -38,7 +38,9 @@ class RunState:
     def trainer_state(self) -> dict:
         """What trainer_state.json holds (JSON: plain numbers, strings and containers)."""
         state = {"epoch": self.epoch, "batches_done": self.batches_done, "step": self.step,
-                 "best": {"val/loss": self.best_loss, "epoch": self.best_epoch}}
+                 # no best yet: null, not Infinity, which strict JSON readers (jq) refuse
+                 "best": {"val/loss": self.best_loss if math.isfinite(self.best_loss) else None,
+                          "epoch": self.best_epoch}}
         if self.mid_epoch:
             state["epoch_so_far"] = dataclasses.asdict(self.so_far)
         return state
@@ -46,10 +48,11 @@ class RunState:
     @classmethod
     def from_trainer_state(cls, state: dict, history: list[dict] | None = None) -> RunState:
         best = state.get("best") or {}
+        best_loss = best.get("val/loss")
         # "partial": the same sums under their name in states written before 2026-11
         so_far = state.get("epoch_so_far", state.get("partial")) or {}
         return cls(epoch=state["epoch"], step=state["step"], batches_done=state["batches_done"],
-                   best_loss=float(best.get("val/loss", math.inf)), best_epoch=best.get("epoch"),
+                   best_loss=math.inf if best_loss is None else float(best_loss), best_epoch=best.get("epoch"),
                    so_far=EpochSoFar(float(so_far.get("loss_sum", 0.0)), int(so_far.get("seen", 0)),
                                      dict(so_far.get("batch_order", {}))),
                    history=list(history or []))
