@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, synchronize_rng_states
+from accelerate.utils.constants import SCALER_NAME
 
 from . import checkpoint
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, config_to_dict
 from .console import RunConsole
 from .errors import HarnessError, TrainingError, first_line
 from .run_dir import read_metrics
@@ -112,20 +113,27 @@ def follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, positi
     console.info(f"resumed with {', '.join(changes)}: learning rate now {lr_now:g}")
 
 
-def resume_full_state(accelerator: Accelerator, run_dir: Path, console: RunConsole) -> RunState:
-    """Load the newest full state that loads; a damaged newer one is skipped with a warning. Returns where the run
-    stands, with the metrics.jsonl rows of the epochs that state had finished."""
+# What loading says when a state does not fit this run's model or optimizer (not damage: an older state of the
+# same run would not fit either).
+_MISFIT_DETAILS = ("size mismatch", "Missing key(s)", "Unexpected key(s)", "loaded state dict contains a parameter",
+                   "loaded state dict has a different number")
+_MISFIT_WORDS = (*_MISFIT_DETAILS, "Error(s) in loading")
+
+
+def resume_full_state(accelerator: Accelerator, run_dir: Path, cfg: Config, console: RunConsole) -> RunState:
+    """Load the newest full state that loads; a damaged newer one is skipped with a warning, a state that does not
+    fit this run is refused naming the settings that changed. Returns where the run stands, with the
+    metrics.jsonl rows of the epochs that state had finished."""
     states = checkpoint.complete_states(run_dir)
     failures = []
     for _, directory in reversed(states):
-        try:
-            accelerator.load_state(str(directory))
-            problem = None
-        except Exception as e:  # damaged (e.g. killed while saving, truncated) or of another shape
-            problem = first_line(e)[:200]
-        # Every process resumes from the same state: one that failed anywhere is skipped everywhere.
-        problems = [p for p in gather_object([problem]) if p]
-        if problems:
+        problems = [p for p in gather_object([_load(accelerator, directory, console)]) if p]
+        if problems:  # every process resumes from the same state: one that failed anywhere is skipped everywhere
+            misfit = next((p for p in problems if any(words in p for words in _MISFIT_WORDS)), None)
+            if misfit:
+                raise TrainingError(f"{directory} does not fit this run's model and optimizer ({misfit[:200]}); "
+                                    f"{_changed_settings(run_dir, cfg)}: resume with the settings it was saved "
+                                    f"with, or pass a new run.dir=...")
             failures.append(f"{directory.name}: {problems[0]}")
             console.warn(f"cannot resume from {directory} ({problems[0]}); trying an older checkpoint")
             continue
@@ -137,6 +145,45 @@ def resume_full_state(accelerator: Accelerator, run_dir: Path, console: RunConso
         return state
     raise TrainingError(f"no checkpoint in {run_dir} could be loaded ({'; '.join(failures)}); pass a new "
                         f"run.dir=... or train.resume=false to start over")
+
+
+def _load(accelerator: Accelerator, directory: Path, console: RunConsole) -> str | None:
+    """Load one full state; None when it loaded, else the first line of why not. A state saved without fp16's
+    loss scaler (another train.mixed_precision) resumed under fp16 starts with a fresh scaler."""
+    scaler = accelerator.scaler
+    if scaler is not None and not (directory / SCALER_NAME).is_file():
+        console.info(f"{directory.name} holds no fp16 loss scaler (saved under another train.mixed_precision): "
+                     f"the scaler starts afresh")
+        accelerator.scaler = None  # load_state would look for its file
+    try:
+        accelerator.load_state(str(directory))
+    except Exception as e:  # damaged (e.g. killed while saving, truncated) or of another shape
+        # torch lists a misfit below a general first line: the first listed one says what does not fit
+        misfit = next((line.strip() for line in str(e).splitlines() if line.strip().startswith(_MISFIT_DETAILS)), None)
+        return (misfit or first_line(e))[:300]
+    finally:
+        accelerator.scaler = scaler
+    return None
+
+
+def _changed_settings(run_dir: Path, cfg: Config) -> str:
+    saved = saved_config(run_dir)
+    if saved is None:
+        return f"{run_dir} has no readable config.yaml to say which setting changed"
+    before, now = _flat(config_to_dict(saved)), _flat(config_to_dict(cfg))
+    changed = [f"{key}={before.get(key)} -> {now.get(key)}" for key in sorted(before.keys() | now.keys())
+               if before.get(key) != now.get(key) and not key.startswith(("run.", "log.", "data.root"))]
+    return "changed since it was saved: " + ", ".join(changed) if changed else "no setting changed since it was saved"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _same_noise_on_every_rank(accelerator: Accelerator) -> None:
