@@ -142,9 +142,10 @@ def test_figures_latent_table_and_model_artifacts(offline_run):
     for name in names:
         assert row[f"figures/{name}/_type"] == "image-file", name
         assert (segment / "files" / row[f"figures/{name}/path"]).stat().st_size > 5_000, name
-    assert row["latent/means_table/_type"] == "table-file" and row["latent/means_table/nrows"] == 10000
+    # log.latent_points: the first 2,000 test images by default
+    assert row["latent/means_table/_type"] == "table-file" and row["latent/means_table/nrows"] == 2000
     table = json.loads((segment / "files" / row["latent/means_table/path"]).read_text())
-    assert table["columns"] == ["z0", "z1", "digit"] and len(table["data"]) == 10000
+    assert table["columns"] == ["z0", "z1", "digit"] and len(table["data"]) == 2000
     assert {r[2] for r in table["data"]} == set(range(10))
     assert "_wandb/visualize/latent/means" in run.config  # the scatter plot of that table
     models = [a for a in run.artifacts if a["type"] == "model"]
@@ -372,7 +373,7 @@ def test_log_config_keys():
     log = LogConfig()
     assert (log.wandb, log.project, log.entity, log.name, log.group, log.tags) == (True, "vae-mnist", None, None,
                                                                                     None, ())
-    assert (log.images_every_epochs, log.checkpoint_artifacts) == (1, False)
+    assert (log.images_every_epochs, log.latent_points, log.checkpoint_artifacts) == (5, 2000, False)
     cfg = load_config(REPO / "configs/debug.yaml", ["log.tags=[a, b2]", "log.entity=team", "log.name=x"])
     assert cfg.log.tags == ("a", "b2") and cfg.log.entity == "team" and cfg.log.name == "x"
 
@@ -383,6 +384,7 @@ def test_log_config_keys():
     ("log.tags=['']", "log.tags: must be a list of tags of 1 to 64 characters"),
     ("log.project=a/b", "log.project: must be a W&B project name"),
     ("log.images_every_epochs=-1", "log.images_every_epochs: must be >= 0"),
+    ("log.latent_points=-5", "log.latent_points: must be >= 0"),
     ("log.wandb=yes please", "log.wandb: must be true or false"),
 ])
 def test_log_config_errors_are_one_line(override, message):

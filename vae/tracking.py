@@ -67,9 +67,6 @@ def new_run_id() -> str:
 # Which mode: online, offline, disabled (decided without network, never prompting)
 
 
-_dirs_we_set: dict[str, str] = {}
-
-
 def _keep_wandb_files_in(run_dir: Path) -> None:
     """Besides the run folders (wandb.init's dir), wandb writes into the home directory: a staging folder for what
     it logs as artifacts (the model files, each logged Table), which an offline run's `wandb sync` reads later
@@ -78,9 +75,9 @@ def _keep_wandb_files_in(run_dir: Path) -> None:
     Called before wandb's settings are first read, which would otherwise warn about a changed environment."""
     wandb_dir = (Path(run_dir) / "wandb").resolve()
     for variable, folder in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache")):
-        current = os.environ.get(variable)
-        if current is None or current == _dirs_we_set.get(variable):
-            _dirs_we_set[variable] = os.environ[variable] = str(wandb_dir / folder)
+        current, ours = os.environ.get(variable), f"VAE_SET_{variable}"  # what this process set before
+        if current is None or current == os.environ.get(ours):
+            os.environ[variable] = os.environ[ours] = str(wandb_dir / folder)
 
 
 def _wandb_settings():
@@ -338,9 +335,11 @@ class Tracker:
         """Whether to draw and log the figures after this epoch: every `every` epochs and after the last one."""
         return self.run is not None and every > 0 and (epoch % every == 0 or epoch == last_epoch)
 
-    def log_figures(self, figures: dict, latents, labels, epoch: int, step: int, prefix: str = "") -> None:
+    def log_figures(self, figures: dict, latents, labels, epoch: int, step: int, prefix: str = "",
+                    points: int = 0) -> None:
         """figures: name.png -> matplotlib Figure (vae.figures.model_figures); latents [N, z] with labels [N]:
-        an interactive table (the latents, or their 2-D PCA projection when z > 2) and its scatter plot."""
+        an interactive table (the latents, or their 2-D PCA projection when z > 2) and its scatter plot, of the
+        first `points` images (0: all)."""
         if self.run is None or step <= self.logged_before:
             return
 
@@ -351,9 +350,10 @@ class Tracker:
 
             values: dict[str, Any] = {f"{prefix}figures/{name.removesuffix('.png')}": figure_to_image(fig)
                                       for name, fig in figures.items()}
-            points, xlabel, ylabel = project_2d(latents)
+            shown = slice(0, points or len(latents))
+            xy, xlabel, ylabel = project_2d(latents[shown])
             x, y = ("z0", "z1") if latents.shape[1] <= 2 else ("pc1", "pc2")
-            rows = [[a, b, int(c)] for (a, b), c in zip(points.tolist(), labels.cpu().tolist(), strict=True)]
+            rows = [[a, b, int(c)] for (a, b), c in zip(xy.tolist(), labels[shown].cpu().tolist(), strict=True)]
             table = wandb.Table(columns=[x, y, "digit"], data=rows)
             values[f"{prefix}latent/means"] = wandb.plot.scatter(
                 table, x, y, title=f"Test set latent means, epoch {epoch} ({xlabel} vs {ylabel})")
