@@ -250,3 +250,25 @@ def test_a_state_that_does_not_fit_the_model_is_named_as_such_not_as_damaged(tmp
     assert "does not fit this run's model and optimizer (" in result.stderr, result.stderr
     assert "size mismatch" in result.stderr and "trying an older checkpoint" not in result.stdout
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_cpu_run_under_accelerate_launch_uses_the_cores_unless_threads_were_chosen(tmp_path, mnist_root):
+    """accelerate launch gives each process OMP_NUM_THREADS=1 by default (meant for GPU runs): a CPU run takes
+    its share of the cores instead, unless the user chose (OMP_NUM_THREADS, train.num_threads)."""
+    import os
+
+    import psutil
+
+    cores = min(len(os.sched_getaffinity(0)), psutil.cpu_count(logical=False) or 1)
+    if cores < 2:
+        pytest.skip("needs at least 2 cores to tell one thread from several")
+    settings = ("log.figures=false", "data.train_subset=200")
+
+    def threads(name, *overrides, env=None):
+        run_dir = tmp_path / name
+        assert_ok(accelerate_launch(*train_cmd(run_dir, mnist_root, *settings, *overrides), env=env))
+        return json.loads((run_dir / "environment.json").read_text())["torch_threads"]
+
+    assert threads("default", env={"OMP_NUM_THREADS": None}) == cores
+    assert threads("user-env", env={"OMP_NUM_THREADS": "1"}) == 1
+    assert threads("user-key", "train.num_threads=1", env={"OMP_NUM_THREADS": None}) == 1

@@ -56,11 +56,7 @@ def _launcher_process_count() -> tuple[int, str]:
             return int(value), launcher
     # `accelerate launch --cpu --num_processes 2` starts one process and sets nothing that says 2; the
     # launcher's own command line (our parent process) still does.
-    try:
-        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return 1, ""
-    args = [a.decode(errors="replace") for a in argv]
+    args, _ = _launcher_args_and_env()
     if "launch" not in args:
         return 1, ""
     for i, arg in enumerate(args):
@@ -71,6 +67,41 @@ def _launcher_process_count() -> tuple[int, str]:
                 value = arg.split("=", 1)[1]
                 return (int(value), "accelerate launch") if value.isdigit() else (1, "")
     return 1, ""
+
+
+def _launcher_args_and_env() -> tuple[list[str], dict[str, str]]:
+    """The parent process's command line and the environment it started with (/proc keeps the initial one)."""
+    parent = Path(f"/proc/{os.getppid()}")
+    try:
+        args = [a.decode(errors="replace") for a in (parent / "cmdline").read_bytes().split(b"\0")]
+        env = dict(item.decode(errors="replace").partition("=")[::2]
+                   for item in (parent / "environ").read_bytes().split(b"\0") if item)
+    except OSError:
+        return [], {}
+    return args, env
+
+
+def cpu_threads(cfg: Config, accelerator: Accelerator) -> int | None:
+    """Torch's CPU threads for this process: train.num_threads when set. Else, for training on the CPU under
+    `accelerate launch`, which gives every process OMP_NUM_THREADS=1 unless told otherwise (its default for GPU
+    training, where the CPU only feeds the GPU), this process's share of the machine's cores: one thread on a CPU
+    run trains at about 0.8x of two on a 2-core machine. None: leave torch as it is (OMP_NUM_THREADS or
+    --num_cpu_threads_per_process set by the user, a GPU run, or no launcher)."""
+    if cfg.train.num_threads:
+        return cfg.train.num_threads
+    if accelerator.device.type != "cpu" or os.environ.get("OMP_NUM_THREADS") != "1":
+        return None
+    args, launcher_env = _launcher_args_and_env()
+    chosen_by_user = "OMP_NUM_THREADS" in launcher_env or any(
+        a.startswith(("--num_cpu_threads_per_process", "--num-cpu-threads-per-process")) for a in args)
+    if "launch" not in args or chosen_by_user:
+        return None
+    import psutil  # an accelerate dependency
+
+    usable = len(os.sched_getaffinity(0))
+    cores = min(usable, psutil.cpu_count(logical=False) or usable)
+    on_this_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, cores // on_this_node)
 
 
 def check_processes(accelerator: Accelerator, cpu: bool, script: str) -> None:

@@ -20,13 +20,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import checkpoint, figures, plots, tracking
+from . import checkpoint, figures, tracking
 from .config import Config, config_to_dict, dump_yaml
 from .console import RunConsole
 from .data import TrainingData, load_training_data
 from .errors import TrainingError
 from .evaluation import evaluate_test_set
-from .launch import check_training_launch, environment_info, make_accelerator
+from .launch import check_training_launch, cpu_threads, environment_info, make_accelerator
 from .model import VAE
 from .preemption import StopRequest, leave_after_checkpoint
 from .resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr, resume_full_state
@@ -55,9 +55,9 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     started = time.perf_counter()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
     accelerator = make_accelerator(cfg)
+    if threads := cpu_threads(cfg, accelerator):
+        torch.set_num_threads(threads)
     console = RunConsole(accelerator.is_main_process)
     check_training_launch(cfg, accelerator, console)
     # The run directory: this training's alone (a second one there stops here), resumed or started afresh.
@@ -151,7 +151,7 @@ def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data
 def _resume(loop: Loop) -> RunState:
     """The newest full state that loads, with this start's settings applied on top (vae.resume)."""
     cfg, optimizer = loop.cfg, loop.train_step.optimizer
-    state = resume_full_state(loop.accelerator, cfg.run_dir, loop.console)
+    state = resume_full_state(loop.accelerator, cfg.run_dir, cfg, loop.console)
     restore_step_settings(optimizer, loop.accelerator.device, cfg.train.cuda_graph)
     check_mid_epoch_resume(cfg, state)
     steps = loop.steps_per_epoch
@@ -322,8 +322,7 @@ def _epoch_row(epoch: int, trained: EpochResult, evaluation: dict, loop: Loop, t
         "step": trained.step,
         "train/loss": trained.mean_loss,
         "val/loss": evaluation["val/loss"],
-        "val/recon": evaluation["val/recon"],
-        "val/kl": evaluation["val/kl"],
+        "val/recon": evaluation["val/recon"], "val/kl": evaluation["val/kl"],
         "samples_per_s": trained.trained_now / train_time,
         "epoch_time_s": epoch_time,
         "lr": current_lr(loop.train_step),
@@ -352,15 +351,16 @@ def _report_epoch(loop: Loop, row: dict, evaluation: dict, improved: bool) -> di
     if for_wandb or (cfg.log.figures and epoch == cfg.train.epochs):
         drawn = _draw(loop, evaluation)
     if for_wandb:
-        tracker.log_figures(drawn, evaluation["latent_means"], evaluation["labels"], epoch, row["step"])
+        tracker.log_figures(drawn, evaluation["latent_means"], evaluation["labels"], epoch, row["step"],
+                            points=cfg.log.latent_points)
     if cfg.log.checkpoint_artifacts:
         tracker.log_model_file(cfg.run_dir / "last.pt", epoch=epoch, best=improved, metrics=metrics)
     return drawn
 
 
 def _draw(loop: Loop, evaluation: dict) -> dict:
-    return figures.model_figures(loop.raw_model, loop.data.test_images, evaluation["latent_means"],
-                                 evaluation["labels"], loop.accelerator.device)
+    data, device = (evaluation["latent_means"], evaluation["labels"]), loop.accelerator.device
+    return figures.model_figures(loop.raw_model, loop.data.test_images, *data, device)
 
 
 def _param_checksum(model: torch.nn.Module) -> float:
@@ -388,7 +388,7 @@ def _finish(loop: Loop, state: RunState, evaluation: dict, drawn: dict | None, w
     if accelerator.is_main_process:
         if cfg.log.figures:
             drawn = drawn or _draw(loop, evaluation)
-            figures.save_figures({"loss.png": plots.loss_curve(history), **drawn}, cfg.run_dir)
+            figures.save_figures({"loss.png": figures.loss_curve(history), **drawn}, cfg.run_dir)
         checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(final, indent=1))
         shown = {k: v for k, v in final.items() if k not in ("param_checksum_per_rank", "run_dir")}
         loop.console.summary_table(f"{cfg.run_dir}: done", shown)
