@@ -6,10 +6,9 @@
     accelerate launch --multi_gpu --num_processes 4 evaluate.py --ckpt runs/z20/best.pt --iwae-k 5000
 """
 
-import sys
 
 from vae.console import OneLineArgumentParser
-from vae.errors import run_entry_point
+from vae.errors import exit_now, run_entry_point
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -5,11 +5,10 @@
 Everything else (defaults, what each key means) is in vae/config.py and docs/configuration.md.
 """
 
-import sys
 
 from vae.config import load_config
 from vae.console import OneLineArgumentParser
-from vae.errors import run_entry_point
+from vae.errors import exit_now, run_entry_point
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,4 +28,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

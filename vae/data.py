@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .errors import HarnessError
+from .errors import HarnessError, first_line
 
 # The original distribution's uncompressed files: name -> (md5, size in bytes).
 MNIST_FILES = {
@@ -114,7 +114,7 @@ def _fetch(root: Path, say) -> None:
         try:
             fetch(root)
         except Exception as e:  # any failure of one source just means: try the next one
-            failures.append(f"{source}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+            failures.append(f"{source}: {first_line(e)}")
         if not _missing(root):
             return
     raise DataError(
