@@ -65,6 +65,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def epochs_in(run_dir: Path) -> list[int]:
+    """The epochs in a run's metrics.jsonl so far ([] before the first; a line being written is left out)."""
+    try:
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    epochs = []
+    for line in lines:
+        try:
+            epochs.append(json.loads(line)["epoch"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return epochs
+
+
 def start(args: list[str], launcher: list[str] | None = None, env: dict | None = None) -> subprocess.Popen:
     """A running entry point (python, or the given launcher command), in its own session so that a test can
     signal it and all its children."""

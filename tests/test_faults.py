@@ -14,16 +14,22 @@ import torch
 
 from vae.checkpoint import complete_states, load_model_file
 
-from .conftest import REPO, VENV_BIN, accelerate_launch, assert_ok, python, read_jsonl, start, train_cmd, wait_until
+from .conftest import (
+    REPO,
+    VENV_BIN,
+    accelerate_launch,
+    assert_ok,
+    epochs_in,
+    python,
+    read_jsonl,
+    start,
+    train_cmd,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
 LONG = ["data.train_subset=20000", "train.epochs=3", "log.figures=false"]
-
-
-def _epochs_done(run_dir):
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
 
 
 def test_a_second_training_in_the_same_run_directory_is_refused_while_the_first_runs(tmp_path, mnist_root):
@@ -54,13 +60,13 @@ def test_kill_9_mid_epoch_then_same_command_equals_uninterrupted(tmp_path, mnist
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert_ok(python(*train_cmd(straight, mnist_root, *LONG)))
     process = start(train_cmd(killed, mnist_root, *LONG))
-    wait_until(lambda: _epochs_done(killed) >= 1 and complete_states(killed), what="epoch 1 and its checkpoint")
+    wait_until(lambda: len(epochs_in(killed)) >= 1 and complete_states(killed), what="epoch 1 and its checkpoint")
     time.sleep(0.3 * _epoch_1_train_time(killed))  # about a third into epoch 2's batches
     process.kill()
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     # killed during epoch 2: epoch 1's row and checkpoint are the last there are
-    assert _epochs_done(killed) == 1
+    assert epochs_in(killed) == [1]
     states = [read_trainer_state(path) for _, path in complete_states(killed)]
     assert [(state["epoch"], state["batches_done"]) for state in states] == [(2, 0)]
     assert_ok(python(*train_cmd(killed, mnist_root, *LONG)))

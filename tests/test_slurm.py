@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, read_jsonl
+from .conftest import REPO, epochs_in, read_jsonl
 from .slurm_cluster import SlurmCluster, why_unavailable
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -85,10 +85,6 @@ def finished(slurm: SlurmCluster, job: str, timeout: float = 180) -> tuple[dict,
     return records[0], output
 
 
-def epochs_of(run: Path) -> list[int]:
-    return [row["epoch"] for row in read_jsonl(run / "metrics.jsonl")]
-
-
 def wait_until(slurm: SlurmCluster, job: str, condition, what: str, timeout: float = 120) -> None:
     """Poll `condition` while the job runs; fail at once if the job ends first."""
     def check():
@@ -101,7 +97,7 @@ def wait_until(slurm: SlurmCluster, job: str, condition, what: str, timeout: flo
 
 
 def assert_finished_run(run: Path, epochs: int) -> dict:
-    assert epochs_of(run) == list(range(1, epochs + 1))
+    assert epochs_in(run) == list(range(1, epochs + 1))
     assert (run / "last.pt").is_file()
     assert any((run / "checkpoints").iterdir())
     summary = json.loads((run / "summary.json").read_text())
@@ -159,15 +155,8 @@ INTERRUPTIONS = {
     "usr1": (lambda run: (run / "config.yaml").is_file(), 1.5, ("scancel", "--signal=USR1", "--batch")),
     # A requeue without warning (an admin, a failed node): Slurm sends SIGTERM to every process of the job.
     # Sent once epoch 1 is in metrics.jsonl (and its checkpoint written).
-    "requeue": (lambda run: epochs_of_if_any(run) == [1], 0.0, ("scontrol", "requeue")),
+    "requeue": (lambda run: epochs_in(run) == [1], 0.0, ("scontrol", "requeue")),
 }
-
-
-def epochs_of_if_any(run: Path) -> list[int]:
-    try:
-        return epochs_of(run)
-    except (OSError, ValueError):
-        return []
 
 
 @pytest.fixture(scope="module")
