@@ -1,7 +1,10 @@
 import math
+import warnings
 
+import pytest
 import torch
 
+from vae.config import ModelConfig
 from vae.model import VAE, kl_to_standard_normal, negative_elbo_terms, reconstruction_nats
 
 
@@ -46,3 +49,27 @@ def test_loss_is_float32_and_finite_under_bf16_autocast():
     assert torch.isfinite(recon).all() and torch.isfinite(kl).all()
     # an untrained decoder outputs ~0.5 everywhere: about 784 * log 2 nats for a mid-grey target
     assert 400 < recon.mean().item() < 700
+
+
+@pytest.mark.parametrize("batch, z_dim", [(50, 2), (50, 20), (1024, 2)])
+def test_fp16_starts_at_a_loss_scale_whose_gradients_fit_fp16(batch, z_dim, mnist_root):
+    """The summed loss's gradients times the first loss scale stay below fp16's maximum at initialisation (where
+    they are largest), so fp16 does not skip its first steps; GradScaler's default 65536 would overflow."""
+    from vae.data import load_mnist, to_unit_float
+    from vae.launch import FP16_MAX, fp16_initial_scale
+
+    torch.manual_seed(0)
+    model = VAE.from_config(ModelConfig(z_dim=z_dim))
+    x = to_unit_float(load_mnist(mnist_root, train=True)[0][:batch])
+    peaks = []
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            layer.register_full_backward_hook(lambda _, __, out: peaks.append(out[0].abs().max().item()))
+    logits, mu, logvar = model(x, torch.randn(batch, z_dim))
+    recon, kl = negative_elbo_terms(logits, x, mu, logvar)
+    with warnings.catch_warnings():  # the first layer's input needs no gradient: its hook says so
+        warnings.simplefilter("ignore")
+        (recon + kl).sum().backward()
+    largest = max(max(peaks), *(p.grad.abs().max().item() for p in model.parameters()))
+    assert largest * fp16_initial_scale(batch) < FP16_MAX
+    assert largest * 65536 > FP16_MAX
