@@ -35,6 +35,16 @@ def test_real_mnist_decodes_to_uint8_tensors(mnist_root):
     assert test_images.shape == (10000, 784)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_mnist_is_decoded_as_torchvision_decodes_it(train, mnist_root):
+    from torchvision.datasets import MNIST
+
+    reference = MNIST(str(mnist_root), train=train, download=False)
+    images, labels = load_mnist(mnist_root, train=train)
+    assert torch.equal(images, reference.data.reshape(-1, 784)) and images.is_contiguous()
+    assert torch.equal(labels, reference.targets) and labels.dtype == reference.targets.dtype
+
+
 def _corrupt(path, offset: int, new: bytes) -> None:
     data = bytearray(path.read_bytes())
     data[offset:offset + len(new)] = new

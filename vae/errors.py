@@ -86,7 +86,10 @@ def run_entry_point(body: Callable[[], object], interrupted: str) -> int:
 def exit_now(code: int) -> None:
     """Leave the process with `code` once its work is done and written: the atexit hooks run (W&B's teardown and
     temporary-file cleanup among them), output is flushed, then os._exit. Python's own shutdown would spend
-    another one to three seconds tearing down torch's modules, with nothing left to save."""
+    another one to three seconds tearing down torch's modules, with nothing left to save. Under a profiler or a
+    tracer (cProfile, coverage, a debugger), which write their results at exit, the exit is Python's own."""
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
