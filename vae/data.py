@@ -164,8 +164,9 @@ def _read_idx(path: Path) -> torch.Tensor:
     data = path.read_bytes()
     if data[:3] != b"\x00\x00\x08":
         raise DataError(f"{path} is not an IDX file of unsigned bytes; delete it and run again to fetch a fresh copy")
-    shape = struct.unpack(f">{data[3]}I", data[4: 4 + 4 * data[3]])
-    return torch.frombuffer(bytearray(data[4 + 4 * data[3]:]), dtype=torch.uint8).reshape(shape)
+    header = 4 + 4 * data[3]
+    shape = struct.unpack(f">{data[3]}I", data[4:header])
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).reshape(shape)  # one copy
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
