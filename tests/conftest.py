@@ -14,6 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 DATA_ROOT = Path(os.environ.get("VAE_TEST_DATA", REPO / "data"))
+# Port 0: Accelerate picks a free rendezvous port, so multi-process tests can run side by side (pytest -n).
+ACCELERATE_LAUNCH = [str(VENV_BIN / "accelerate"), "launch", "--main_process_port", "0"]
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +47,7 @@ def python(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def accelerate_launch(*args: str, **kw) -> subprocess.CompletedProcess:
-    return run_cmd([str(VENV_BIN / "accelerate"), "launch", *args], **kw)
+    return run_cmd([*ACCELERATE_LAUNCH, *args], **kw)
 
 
 def train_cmd(run_dir: Path, mnist_root: Path, *overrides: str, config: str = "configs/debug.yaml",

@@ -9,7 +9,7 @@ import torch
 
 from vae.checkpoint import load_model_file
 
-from .conftest import VENV_BIN, assert_ok, read_jsonl, run_cmd
+from .conftest import ACCELERATE_LAUNCH, assert_ok, read_jsonl, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -19,9 +19,9 @@ SCRIPT = "tests/scripts/parity_runs.py"
 
 
 def _train_all(root, mnist_root, processes: int):
-    launch = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", str(processes)]
+    launch = [*ACCELERATE_LAUNCH, "--num_processes", str(processes)]
     if processes > 1:
-        launch.insert(2, "--multi_gpu")
+        launch.append("--multi_gpu")
     args = [str(root), str(mnist_root), str(DATA_SUBSET), *map(str, BATCH_SIZES)]
     result = run_cmd([*launch, SCRIPT, *args], timeout=900)
     assert_ok(result)

@@ -7,7 +7,7 @@ import torch
 
 from vae.checkpoint import load_model_file
 
-from .conftest import VENV_BIN, accelerate_launch, assert_ok, python, read_jsonl, start, train_cmd
+from .conftest import ACCELERATE_LAUNCH, accelerate_launch, assert_ok, python, read_jsonl, start, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +75,7 @@ def test_stopped_mid_epoch_on_2_processes_then_resumed_on_3_trains_the_1_process
     settings = ("log.figures=false", "log.wandb=false", "train.epochs=2", "data.train_subset=1510", "train.cpu=true")
     alone, moved = tmp_path / "alone", tmp_path / "moved"
     assert_ok(python(*train_cmd(alone, mnist_root, *settings)))
-    launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes"]
+    launcher = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes"]
     two = start(train_cmd(moved, mnist_root, *settings), launcher=[*launcher, "2"])
     _wait_for_line(two, "run directory")
     two.send_signal(signal.SIGTERM)  # the launcher passes it to both processes
