@@ -15,8 +15,8 @@ import torch
 from vae.checkpoint import complete_states, load_model_file
 
 from .conftest import (
+    ACCELERATE_LAUNCH,
     REPO,
-    VENV_BIN,
     accelerate_launch,
     assert_ok,
     epochs_in,
@@ -127,7 +127,7 @@ def test_second_ctrl_c_exits_at_once_and_leaves_a_usable_checkpoint(tmp_path, mn
 
 def test_a_dying_rank_does_not_leave_the_other_hanging(tmp_path, mnist_root):
     run_dir = tmp_path / "ddp"
-    launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+    launcher = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2"]
     process = start(train_cmd(run_dir, mnist_root, "train.cpu=true", *LONG), launcher=launcher)
     wait_until(lambda: (run_dir / "metrics.jsonl").exists(), what="training to start")
     time.sleep(1.0)
@@ -145,6 +145,88 @@ def test_a_dying_rank_does_not_leave_the_other_hanging(tmp_path, mnist_root):
     wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and
                                 open(f"/proc/{pid}/stat").read().split()[2] != "Z" for pid in workers),
                 timeout=60, what="both ranks to exit")
+
+
+def _ranks(launcher: subprocess.Popen) -> dict[int, int]:
+    """The training processes a launcher started (its children; torchrun gives them sessions of their own):
+    {rank: pid}."""
+    ranks = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            parent = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            environ = dict(item.split("=", 1) for item in
+                           open(f"/proc/{entry}/environ").read().split("\0") if "=" in item)
+            command = open(f"/proc/{entry}/cmdline").read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher.pid and "RANK" in environ and "train.py" in command:
+            ranks[int(environ["RANK"])] = int(entry)
+    return ranks
+
+
+def _stderr_lines(process: subprocess.Popen) -> list[tuple[float, str]]:
+    """The process's stderr lines as they come, each with the time it arrived (read by a thread)."""
+    import threading
+
+    lines: list[tuple[float, str]] = []
+    threading.Thread(target=lambda: lines.extend((time.monotonic(), line) for line in process.stderr),
+                     daemon=True).start()
+    return lines
+
+
+def _two_ranks_in_epoch_2(run_dir, mnist_root, *settings) -> tuple[subprocess.Popen, dict[int, int]]:
+    launcher = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2"]
+    process = start(train_cmd(run_dir, mnist_root, "train.cpu=true", *LONG, *settings), launcher=launcher)
+    wait_until(lambda: epochs_in(run_dir) == [1], what="epoch 1")
+    time.sleep(0.5)
+    ranks = _ranks(process)
+    assert sorted(ranks) == [0, 1], ranks
+    return process, ranks
+
+
+def test_a_rank_that_stops_answering_stops_the_other_within_dist_timeout_s(tmp_path, mnist_root):
+    process, ranks = _two_ranks_in_epoch_2(tmp_path / "r", mnist_root, "train.dist_timeout_s=5")
+    lines = _stderr_lines(process)
+    os.kill(ranks[1], signal.SIGSTOP)  # hung: alive, holding its connections, never answering
+    stopped = time.monotonic()
+    said = "process rank 0 stopped: another process of this launch did not answer within the process group's " \
+           "timeout (train.dist_timeout_s"
+    try:
+        wait_until(lambda: any(said in line for _, line in lines), timeout=60, what="rank 0's line")
+        when = next(t for t, line in lines if said in line)
+        assert when - stopped < 5 + 10, f"rank 0 gave up {when - stopped:.1f} s after rank 1 stopped answering"
+    finally:
+        os.kill(ranks[1], signal.SIGCONT)  # rank 1 finds rank 0 gone and stops too
+    process.wait(timeout=120)
+    assert process.returncode != 0
+    text = "".join(line for _, line in lines)
+    assert "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text, text
+    assert "process rank 1 stopped: another process of this launch" in text, text
+
+
+def test_a_second_sigterm_leaves_at_once_while_blocked_in_a_collective(tmp_path, mnist_root):
+    """Rank 1 stops answering; rank 0 waits in DDP's all-reduce, where Python never runs its SIGTERM handler (so
+    no checkpoint can be written). A second SIGTERM, as torchrun or a user sends, makes it leave at once."""
+    process, ranks = _two_ranks_in_epoch_2(tmp_path / "r", mnist_root)
+    lines = _stderr_lines(process)
+    os.kill(ranks[1], signal.SIGSTOP)
+    try:
+        time.sleep(1.0)
+        os.kill(ranks[0], signal.SIGTERM)
+        time.sleep(3.0)
+        assert not any("second SIGTERM" in line for _, line in lines)  # the first one alone does not do it
+        sent = time.monotonic()
+        os.kill(ranks[0], signal.SIGTERM)
+        wait_until(lambda: any("second SIGTERM" in line for _, line in lines), timeout=20, what="rank 0 leaving")
+        assert next(t for t, line in lines if "second SIGTERM" in line) - sent < 5
+        wait_until(lambda: not os.path.exists(f"/proc/{ranks[0]}") or
+                   open(f"/proc/{ranks[0]}/stat").read().split()[2] == "Z", timeout=10, what="rank 0 to exit")
+    finally:
+        os.kill(ranks[1], signal.SIGKILL)
+    process.wait(timeout=120)
+    said = next(line for _, line in lines if "second SIGTERM" in line)
+    assert "process rank 0" in said and "without a checkpoint" in said and "resumes" in said
+    assert complete_states(tmp_path / "r")  # epoch 1's checkpoint is still there
 
 
 def test_diverging_loss_stops_keeps_the_last_good_checkpoint_and_a_lower_lr_resumes(tmp_path, mnist_root):
@@ -301,7 +383,7 @@ def test_a_disk_filling_up_under_ddp_is_one_line_from_each_process(small_disk, m
     """Only the main process writes; the other learns of its exit in the next all-reduce. Each says so in one
     line (accelerate's launcher still adds its own report of the failed processes)."""
     run_dir = small_disk(96) / "run"
-    launcher = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+    launcher = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2"]
     process = start(train_cmd(run_dir, mnist_root, "train.cpu=true", *LONG, "log.wandb=false"), launcher=launcher)
     wait_until(lambda: complete_states(run_dir), what="the checkpoint of epoch 1")
     _fill(run_dir.parent)

@@ -93,6 +93,9 @@ class TrainConfig:
     every step, which costs a device sync (and an all-reduce with several processes) per step."""
     num_threads: int | None = None
     """CPU threads per process for torch. None: torch's default (or OMP_NUM_THREADS)."""
+    dist_timeout_s: float | None = None
+    """With several processes: how long a collective waits for the others before failing (a process that hangs
+    or stops answering). None: torch's default (10 minutes for NCCL, 30 for gloo)."""
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
@@ -103,6 +106,8 @@ class TrainConfig:
         _require(self.skip_nonfinite >= 0, "train.skip_nonfinite", ">= 0", self.skip_nonfinite)
         if self.num_threads is not None:
             _require(self.num_threads >= 1, "train.num_threads", ">= 1 or null", self.num_threads)
+        if self.dist_timeout_s is not None:
+            _require(self.dist_timeout_s > 0, "train.dist_timeout_s", "> 0 or null", self.dist_timeout_s)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,10 +9,14 @@ import sys
 from collections.abc import Callable
 
 # What a collective (all-reduce, barrier) raises when another process of the launch has died: gloo's connection
-# is closed or reset, NCCL's communicator is aborted, the rendezvous store is gone. Only these: any other failure
-# of a collective (a timeout, a desync, a CUDA error) may be this process's own bug and keeps its traceback.
-_LOST_PEER_TYPES = {"DistNetworkError", "DistStoreError"}
+# is closed or reset, NCCL's communicator is aborted or its backend fails, the rendezvous store is gone. Any other
+# failure of a collective (a desync, a CUDA error) may be this process's own bug and keeps its traceback.
+_LOST_PEER_TYPES = {"DistNetworkError", "DistStoreError", "DistBackendError"}
 _LOST_PEER_TEXT = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
+# ...and when another process stopped answering (hung, stopped, a dead node): the collective timed out after the
+# process group's timeout (train.dist_timeout_s). gloo: "Timed out waiting ...ms for recv"; NCCL's watchdog:
+# "Watchdog caught collective operation timeout".
+_TIMEOUT_TEXT = ("Timed out waiting", "Watchdog caught collective operation timeout")
 
 
 class HarnessError(Exception):
@@ -52,10 +56,13 @@ def lost_peer(error: BaseException) -> str | None:
     its own reason): one line saying so, instead of this process's traceback. None for any other error."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or not isinstance(error, Exception):
         return None
-    text = str(error).strip()
+    text, rank = str(error).strip(), os.environ.get("RANK", "?")
+    if any(marker in text for marker in _TIMEOUT_TEXT):
+        return (f"process rank {rank} stopped: another process of this launch did not answer within the process "
+                f"group's timeout (train.dist_timeout_s; here: {first_line(error)[:160]})")
     if type(error).__name__ not in _LOST_PEER_TYPES and not any(marker in text for marker in _LOST_PEER_TEXT):
         return None
-    return (f"process rank {os.environ.get('RANK', '?')} stopped: another process of this launch stopped first "
+    return (f"process rank {rank} stopped: another process of this launch stopped first "
             f"(its own error is printed above; here: {first_line(error)[:160]})")
 
 

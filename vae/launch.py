@@ -10,13 +10,13 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import accelerate
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, GradScalerKwargs
+from accelerate.utils import AutocastKwargs, GradScalerKwargs, InitProcessGroupKwargs
 
 from . import tracking
 from .config import Config, ConfigError
@@ -44,6 +44,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
     handlers = [GradScalerKwargs(init_scale=fp16_initial_scale(cfg.train.batch_size))]  # used only under fp16
     if cfg.train.cuda_graph:
         handlers.append(AutocastKwargs(cache_enabled=False))  # a CUDA graph cannot hold autocast's weight cache
+    if cfg.train.dist_timeout_s is not None:
+        # Taken only where the process group is made: by this Accelerator (no PartialState exists before it).
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s)))
     return Accelerator(
         cpu=cfg.train.cpu,
         mixed_precision=cfg.train.mixed_precision,  # None: the launcher's --mixed_precision / config file

@@ -28,7 +28,7 @@ from .errors import TrainingError
 from .evaluation import evaluate_test_set
 from .launch import check_training_launch, cpu_threads, environment_info, make_accelerator
 from .model import VAE
-from .preemption import StopRequest, leave_after_checkpoint
+from .preemption import WARNINGS, StoppedToResume, StopRequest, leave_after_checkpoint
 from .resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr, resume_full_state
 from .run_dir import disk_full_error, full_state_bytes, prepare_run_dir, room_or_fail, space_needed
 from .run_state import EpochSoFar, RunState
@@ -73,13 +73,15 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
                                           run_dir=cfg.run_dir, config=loop.config_dict, resumed=resume)
     loop.tracker.define_epoch_metrics()
     evaluation, drawn = None, None
-    loop.stop.install()  # from here on, SIGTERM/SIGUSR1/Ctrl-C stop at a checkpoint
+    loop.stop.install()  # from here on, SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C stop at a checkpoint
     try:
         while state.epoch <= cfg.train.epochs:
             evaluation, drawn = _run_epoch(loop, state)
     except BaseException as error:
-        loop.tracker.interrupted(preempted=loop.stop.signal_name in ("SIGUSR1", "SIGTERM"),  # Slurm resumes it
+        loop.tracker.interrupted(preempted=loop.stop.signal_name in (*WARNINGS, "SIGTERM"),  # Slurm resumes it
                                  exit_code=getattr(error, "exit_code", 1))
+        if isinstance(error, StoppedToResume):
+            error.requeue()  # after W&B has finished: the requeue SIGTERMs the whole job
         raise
     finally:
         loop.stop.uninstall()
