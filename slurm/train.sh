@@ -10,9 +10,11 @@
 #   RUN_DIR=runs/z20-long sbatch slurm/train.sh configs/z20.yaml  # another run directory
 #
 # Preemption and time limits: 180 s before the end Slurm sends SIGUSR1 to this script, which passes it to the
-# training processes; they finish the current step, write a full checkpoint (mid-epoch) and requeue the job,
-# whose next start resumes exactly there (same run directory). `scontrol requeue`, `scancel` and the time
-# limit send SIGTERM: a checkpoint is written too, and a requeued job resumes from it.
+# training processes; they finish the current step, write a full checkpoint (mid-epoch), finish the W&B run and
+# requeue the job, whose next start resumes exactly there (same run directory). `scontrol requeue`, `scancel`
+# and the time limit send SIGTERM: a checkpoint is written too, and a requeued job resumes from it.
+# SIGUSR2 works the same: `sbatch --signal=B:USR2@180 slurm/train.sh` where USR1 goes missing (some NCCL
+# versions' proxy thread takes USR1 for itself, NVIDIA/nccl#704; submitit uses USR2 for that reason).
 # Several nodes: slurm/train_multinode.sh. Several configs as one job array: slurm/sweep.sh.
 #
 # Edit these to your cluster (options given to sbatch on the command line win over these lines):
@@ -27,6 +29,7 @@
 #SBATCH --time=02:00:00
 #SBATCH --requeue                      # may be requeued (preemption, node failure, the USR1 below)
 #SBATCH --signal=B:USR1@180            # SIGUSR1 to this script 180 s (up to 60 s more) before the time limit
+                                       # (USR2 is taken alike: sbatch --signal=B:USR2@180 ...)
 ##SBATCH --partition=gpu               # (two #: off) your GPU partition, account, QOS ...
 ##SBATCH --account=myproject
 
@@ -72,19 +75,22 @@ settle_gpus_per_node
 
 # Two multi-GPU jobs on one node must not meet on one rendezvous port: derive it from the job id.
 port=$(( 20000 + ${SLURM_JOB_ID:-0} % 10000 ))
+# One process runs python itself: accelerate's one-process launcher would turn the harness's exit codes (130,
+# 138, 140, 143: stopped by a signal, resumable) into 1 or a traceback, and sacct would show that instead.
 # --mixed_precision no only sets the default: train.mixed_precision=bf16 (or fp16) in the config still wins.
-launch=(accelerate launch --quiet --num_machines 1 --mixed_precision no --dynamo_backend no)
 if (( GPUS_PER_NODE > 1 )); then
   procs=$GPUS_PER_NODE
-  launch+=(--multi_gpu --num_processes "$procs" --main_process_port "$port")
+  # vae.launcher is `accelerate launch` keeping the workers' exit code after a planned stop (not 1 and a traceback)
+  launch=(python -m vae.launcher --quiet --num_machines 1 --mixed_precision no --dynamo_backend no
+          --multi_gpu --num_processes "$procs" --main_process_port "$port")
   how="$procs processes, one per GPU (DDP)"
 elif (( GPUS_PER_NODE == 1 )); then
   procs=1
-  launch+=(--num_processes 1)
+  launch=(python)
   how="1 process on 1 GPU"
 else
   procs=1
-  launch+=(--num_processes 1)
+  launch=(python)
   overrides+=("train.cpu=true")
   how="1 process on the CPU"
 fi
@@ -101,19 +107,28 @@ echo "python:     $(command -v python) | WANDB_MODE=$WANDB_MODE"
 echo "command:    ${launch[*]}"
 echo "==="
 
-# The launcher runs in the background so that this shell can take Slurm's signals while it waits. The
-# launcher itself ignores USR1 and TERM (set in the subshell, inherited through exec): it must outlive its
-# training processes, which catch both, checkpoint and exit. (accelerate's one-process launcher would die of
-# them at once, and torchrun forwards only TERM/INT/HUP/QUIT.) The training processes inherit the "ignore"
-# until the harness installs its handlers, once training starts.
-( trap '' USR1 TERM; exec "${launch[@]}" ) &
+# The launch runs in the background so that this shell can take Slurm's signals while it waits; it starts with
+# USR1, USR2 and TERM ignored (set in the subshell, inherited through exec) until the harness installs its
+# handlers, once training starts. One process: the launch is python train.py, signalled directly. Several:
+# torchrun's agent would handle TERM itself (forward it, then kill the workers 30 s later, then end in a
+# traceback); its signal list without SIGTERM (PET_SIGNALS_TO_HANDLE, torch >= 2.6; TORCHELASTIC_SIGNALS_TO_HANDLE
+# before) keeps it ignoring TERM, so the agent outlives its workers while they checkpoint. USR1/USR2 are passed
+# to the workers (its children) from here. (scancel and a requeue also send TERM to every process of the job
+# themselves; the harness counts TERMs that arrive within 2 s of each other as one.)
+export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+( trap '' USR1 USR2 TERM; exec "${launch[@]}" ) &
 launcher=$!
 # shellcheck disable=SC2329  # called from the traps below
 forward() {
   echo "$(date '+%F %T') slurm/train.sh: got SIG$1; passing it to the training processes (checkpoint, then exit)"
-  pkill "-$1" -P "$launcher" || true  # the launcher's children: the python train.py processes
+  if (( procs > 1 )); then
+    pkill "-$1" -P "$launcher" || true  # the launcher's children: the python train.py processes
+  else
+    kill "-$1" "$launcher" 2>/dev/null || true  # python train.py itself
+  fi
 }
 trap 'forward USR1' USR1
+trap 'forward USR2' USR2
 trap 'forward TERM' TERM
 wait_for "$launcher"  # sets rc
 echo "$(date '+%F %T') slurm/train.sh: training exited with code $rc"

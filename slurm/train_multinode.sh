@@ -101,18 +101,21 @@ echo "processes:  $total: $how; OMP_NUM_THREADS=$OMP_NUM_THREADS"
 echo "config:     $CONFIG ${overrides[*]}"
 echo "run dir:    $run_dir"
 echo "python:     $(command -v python) | WANDB_MODE=$WANDB_MODE"
-echo "command:    srun --nodes=$nodes --ntasks-per-node=1 accelerate launch --machine_rank \$SLURM_NODEID ${launcher_opts[*]} ${script[*]}"
+echo "command:    srun --nodes=$nodes --ntasks-per-node=1 python -m vae.launcher --machine_rank \$SLURM_NODEID ${launcher_opts[*]} ${script[*]}"
 echo "==="
 
+export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 # One task per node. Inside the single quotes $SLURM_NODEID is read on each node, by that node's shell, so each
 # launcher gets its own machine rank. The arguments come after `bash -c '...' node` as "$@", unquoted nowhere.
-# The launcher ignores USR1 (set before exec, inherited): when srun passes USR1 on, Slurm signals EVERY process
-# of the step, and the launcher must outlive its training processes, which catch it, checkpoint and exit.
+# The launcher is `accelerate launch` run by vae.launcher, which keeps the workers' exit code after a planned
+# stop (instead of 1 and a traceback). It ignores USR1, USR2 and TERM (set before exec, inherited, and TERM
+# left out of torchrun's signal list): when srun passes a signal on, Slurm signals EVERY process of the step,
+# and the launcher must outlive its training processes, which catch it, checkpoint and exit.
 # shellcheck disable=SC2016  # the single quotes are the point: expanded on each node
 srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="$cpus_per_node" --kill-on-bad-exit=1 \
-  bash -c 'trap "" USR1
-           echo "node $SLURM_NODEID ($(hostname -s)): accelerate launch --machine_rank $SLURM_NODEID"
-           exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' node "${launcher_opts[@]}" "${script[@]}" &
+  bash -c 'trap "" USR1 USR2 TERM
+           echo "node $SLURM_NODEID ($(hostname -s)): python -m vae.launcher --machine_rank $SLURM_NODEID"
+           exec python -m vae.launcher --machine_rank "$SLURM_NODEID" "$@"' node "${launcher_opts[@]}" "${script[@]}" &
 step=$!
 # shellcheck disable=SC2329  # called from the traps below
 forward() {
@@ -120,6 +123,7 @@ forward() {
   kill "-$1" "$step" 2>/dev/null || true  # srun passes it on to all processes of the step, on every node
 }
 trap 'forward USR1' USR1
+trap 'forward USR2' USR2
 trap 'forward TERM' TERM
 wait_for "$step"  # sets rc
 echo "$(date '+%F %T') slurm/train_multinode.sh: training exited with code $rc"

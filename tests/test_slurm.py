@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import yaml
 
 from .conftest import REPO, epochs_in, read_jsonl
 from .slurm_cluster import SlurmCluster, why_unavailable
+from .wandb_records import offline_run_dirs, read_offline_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -138,7 +140,7 @@ def test_train_multinode_sh_one_run_over_two_nodes(slurm, tmp_path, job_env, mni
     record, output = finished(slurm, job)
     assert record["NodeList"] == "n[1-2]"
     # each node's launcher got its own machine rank, read on that node
-    assert "accelerate launch --machine_rank 0" in output and "accelerate launch --machine_rank 1" in output
+    assert "vae.launcher --machine_rank 0" in output and "vae.launcher --machine_rank 1" in output
     summary = assert_finished_run(run, epochs=1)
     assert summary["num_processes"] == 2
     checksums = summary["param_checksum_per_rank"]
@@ -147,31 +149,48 @@ def test_train_multinode_sh_one_run_over_two_nodes(slurm, tmp_path, job_env, mni
         assert len(row["samples_per_rank"]) == 2 and sum(row["samples_per_rank"]) == DEBUG_TRAIN_SIZE
 
 
-# The two ways a running job gets requeued. Each takes a minute (two starts, a requeue), so both run at once,
-# one per node, driven from threads; each test then checks its own.
+# The ways a running job gets interrupted. Each takes a minute (two starts, a requeue), so all run at once, two
+# per node (one CPU each), driven from threads; each test then checks its own.
+@dataclass(frozen=True)
+class Interruption:
+    command: tuple[str, ...]  # what interrupts the job (its id is appended)
+    delay: float = 0.0  # seconds after epoch 1 is in metrics.jsonl (and its checkpoint written)
+    env: dict = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()
+    ends: str = "COMPLETED"
+
+
+# Two processes of one "node" (as with two GPUs; gloo on the CPU here).
+TWO_PROCESSES = {"env": {"GPUS_PER_NODE": "2"}, "overrides": ("train.cpu=true",)}
 INTERRUPTIONS = {
-    # What Slurm does before a time limit with --signal=B:USR1@N: signal only the batch shell. The harness
-    # writes config.yaml once its signal handlers are in place; a moment later it is mid-epoch.
-    "usr1": (lambda run: (run / "config.yaml").is_file(), 1.5, ("scancel", "--signal=USR1", "--batch")),
+    # What Slurm does before a time limit with --signal=B:USR1@N: signal only the batch shell. Sent mid-epoch 2.
+    # W&B logs offline here: its run must be finished before the requeue's SIGTERM reaches wandb's service.
+    "usr1": Interruption(("scancel", "--signal=USR1", "--batch"), 1.5, env={"WANDB_MODE": "offline"}),
     # A requeue without warning (an admin, a failed node): Slurm sends SIGTERM to every process of the job.
-    # Sent once epoch 1 is in metrics.jsonl (and its checkpoint written).
-    "requeue": (lambda run: epochs_in(run) == [1], 0.0, ("scontrol", "requeue")),
+    "requeue": Interruption(("scontrol", "requeue")),
+    # The warning as USR2 (sbatch --signal=B:USR2@N), to a job of two processes.
+    "usr2 2 processes": Interruption(("scancel", "--signal=USR2", "--batch"), 1.5, **TWO_PROCESSES),
+    # scancel: SIGTERM to every process of the job, torchrun's agent included, and no requeue.
+    "scancel 2 processes": Interruption(("scancel",), 1.5, ends="CANCELLED", **TWO_PROCESSES),
 }
 
 
 @pytest.fixture(scope="module")
 def interrupted(slurm, tmp_path_factory, mnist_root):
     def drive(name: str) -> dict:
-        ready, delay, command = INTERRUPTIONS[name]
-        tmp = tmp_path_factory.mktemp(name)
+        how = INTERRUPTIONS[name]
+        tmp = tmp_path_factory.mktemp(name.replace(" ", "-"))
         run = tmp / "run"
         job = submit(slurm, tmp, "slurm/train.sh", "configs/debug.yaml", f"run.dir={run}",
-                     f"data.root={mnist_root}", *LONG, sbatch_args=["--gres=none"], env=_job_env())
-        wait_until(slurm, job, lambda: ready(run), f"{name}: the moment to interrupt")
-        time.sleep(delay)
-        slurm.run(*command, job)
-        record, output = finished(slurm, job, timeout=300)
-        return {"job": job, "run": run, "record": record, "output": output}
+                     f"data.root={mnist_root}", *LONG, *how.overrides, env={**_job_env(), **how.env},
+                     sbatch_args=["--gres=none", "--cpus-per-task=1"])
+        wait_until(slurm, job, lambda: epochs_in(run) == [1], f"{name}: the moment to interrupt")
+        time.sleep(how.delay)
+        slurm.run(*how.command, job)
+        records = slurm.wait(job, timeout=300)
+        output = slurm.output(job)
+        assert records[0]["JobState"] == how.ends, f"job {job}: {records[0]}\n{output[-4000:]}"
+        return {"job": job, "run": run, "record": records[0], "output": output}
 
     with ThreadPoolExecutor(len(INTERRUPTIONS)) as pool:
         futures = {name: pool.submit(drive, name) for name in INTERRUPTIONS}
@@ -185,9 +204,24 @@ def test_usr1_checkpoints_requeues_and_resumes(interrupted):
     assert result["record"]["Restarts"] == "1", output
     assert "got SIGUSR1" in output  # the batch shell caught it...
     assert "stopped by SIGUSR1" in output and f"requeued Slurm job {job}" in output  # ...python checkpointed
+    assert "training exited with code 138" in output  # python's own code: no launcher turning it into 1
     assert re.search(r"^resuming .* from step_\d+", output, re.MULTILINE), output
     assert "| start 2 |" in output
     assert_finished_run(result["run"], epochs=3)  # every epoch exactly once
+
+
+def test_usr1_finishes_the_wandb_run_before_the_requeue(interrupted):
+    """The requeue SIGTERMs every process of the job, wandb's service too: the first start's W&B run must be
+    marked preempted and finished before it, or its offline file keeps nothing of what it logged."""
+    result = interrupted["usr1"].result()
+    output, run = result["output"], result["run"]
+    assert "Traceback" not in output and "W&B failed" not in output, output
+    first, second = (read_offline_run(d) for d in offline_run_dirs(run))
+    assert first.run_id == second.run_id
+    assert first.record_kinds.get("preempting") == 1 and first.exit_code == 138, output
+    assert second.exit_code == 0
+    assert first.steps and min(second.steps) > max(first.steps)  # the first start's steps are all there
+    assert max(second.steps) == 3 * 20000 // 50
 
 
 def test_scontrol_requeue_resumes_from_checkpoint(interrupted):
@@ -198,6 +232,33 @@ def test_scontrol_requeue_resumes_from_checkpoint(interrupted):
     assert re.search(r"^resuming .* from step_\d+", output, re.MULTILINE), output
     assert "| start 2 |" in output
     assert_finished_run(result["run"], epochs=3)
+
+
+def test_usr2_on_two_processes_checkpoints_requeues_and_resumes(interrupted):
+    result = interrupted["usr2 2 processes"].result()
+    job, output = result["job"], result["output"]
+    assert result["record"]["Restarts"] == "1", output
+    assert "2 processes, one per GPU" in output and "got SIGUSR2" in output
+    assert "stopped by SIGUSR2" in output and f"requeued Slurm job {job}" in output
+    assert "stopped as planned (exit code 140)" in output and "training exited with code 140" in output
+    assert "second SIGTERM" not in output, output  # the requeue's TERMs came after the stop: one request
+    assert re.search(r"^resuming .* from step_\d+", output, re.MULTILINE), output
+    summary = assert_finished_run(result["run"], epochs=3)
+    assert summary["num_processes"] == 2 and len(set(summary["param_checksum_per_rank"])) == 1
+
+
+def test_scancel_of_two_processes_checkpoints_mid_epoch_and_exits(interrupted):
+    """scancel sends TERM to every process of the job (the batch script passes one on too, and torchrun's agent
+    would have sent a third): the ranks stop once, together, after a checkpoint the same command resumes."""
+    from vae.checkpoint import complete_states, read_trainer_state
+
+    result = interrupted["scancel 2 processes"].result()
+    output = result["output"]
+    assert "stopped by SIGTERM" in output and "second SIGTERM" not in output, output
+    assert "Traceback" not in output, output  # the launcher says it in one line, with the workers' exit code
+    assert "stopped as planned (exit code 143)" in output and "training exited with code 143" in output
+    newest = read_trainer_state(complete_states(result["run"])[-1][1])
+    assert newest["epoch"] == 2 and newest["batches_done"] > 0  # mid-epoch 2, where it was cancelled
 
 
 def test_sweep_sh_job_array(slurm, tmp_path, job_env, mnist_root):

@@ -148,6 +148,20 @@ def figure_to_image(fig, caption: str | None = None):
     return wandb.Image(Image.open(buffer), caption=caption)
 
 
+def _stop_wandb_service() -> None:
+    """wandb's service process outlives run.finish(); an atexit hook of wandb's stops it when Python exits. A
+    process leaving after a stop must not leave that to the hook: a Slurm requeue or scancel signals every
+    process of the job, the service among them, and the hook would then end the job's output in a traceback.
+    wandb.teardown() unregisters the hook before it talks to the service, so it is done here, failing quietly
+    if the service is gone already."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except Exception:
+        pass
+
+
 class Tracker:
     """The W&B side of a training or evaluation. `Tracker.start(...)` never raises; every method is a no-op when
     W&B is off, failed, or this is not the main process."""
@@ -423,6 +437,7 @@ class Tracker:
         self._guard("finishing the run", lambda: self.run.finish(exit_code=exit_code))
         self.run = None
         self._drop_accelerate_trackers()
+        _stop_wandb_service()
 
     def end_training(self) -> None:
         """accelerator.end_training() on every process (finishes the W&B run, destroys the process group), with
