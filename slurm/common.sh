@@ -1,12 +1,12 @@
 # Shared by the Slurm scripts (sourced, not submitted). Slurm runs a copy of the submitted script from its spool
-# directory, so the scripts source this file from the repository: "$SLURM_SUBMIT_DIR/slurm/common.sh" (submit
-# from the repository's root, as the scripts' usage lines show).
+# directory, so the scripts find the repository first (VAE_REPO, else the directory sbatch ran in) and source
+# this file from there.
 
-# Activate $VENV unless it is empty (then the python on PATH is used: modules, conda).
+# Activate $VENV (VAE_VENV) unless it is empty (then the python on PATH is used: modules, conda).
 activate_venv() {
   [[ -z "$VENV" ]] && return 0
   if [[ ! -f "$VENV/bin/activate" ]]; then
-    echo "error: no Python environment at VENV=$VENV (make venv creates .venv; VENV= uses the python on PATH)" >&2
+    echo "error: no Python environment at VAE_VENV=$VENV (make venv creates .venv; VAE_VENV= uses the python on PATH)" >&2
     exit 1
   fi
   # shellcheck disable=SC1091
@@ -14,7 +14,7 @@ activate_venv() {
 }
 
 # The scripts' arguments, [CONFIG] [section.key=value ...]: a first argument without '=' is the config file (it
-# replaces CONFIG); sets the array `overrides` (with run.dir=$RUN_DIR first when RUN_DIR is set).
+# replaces CONFIG); sets the array `overrides` (with run.dir=$RUN_DIR first when VAE_RUN_DIR is set).
 take_config_and_overrides() {
   if [[ $# -gt 0 && "$1" != *=* ]]; then
     CONFIG=$1
@@ -56,11 +56,11 @@ gpus_in_allocation() {
   fi
 }
 
-# Sets GPUS_PER_NODE (the user's, else the allocation's) and checks it.
+# Sets GPUS_PER_NODE (the user's VAE_GPUS_PER_NODE, else the allocation's) and checks it.
 settle_gpus_per_node() {
   GPUS_PER_NODE=${GPUS_PER_NODE:-$(gpus_in_allocation)}
   if ! [[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]]; then
-    echo "error: GPUS_PER_NODE must be a whole number (got '$GPUS_PER_NODE')" >&2
+    echo "error: VAE_GPUS_PER_NODE must be a whole number (got '$GPUS_PER_NODE')" >&2
     exit 1
   fi
 }

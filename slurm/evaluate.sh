@@ -19,14 +19,20 @@
 #SBATCH --requeue                      # an evaluation only writes its results at the end: rerunning is safe
 ##SBATCH --partition=gpu               # (two #: off) partition, account ...
 
-# ----- settings: environment variables, defaults below (set them before sbatch: `X=... sbatch ...`) -----
-: "${SLURM_SUBMIT_DIR:=$PWD}"  # (run with plain bash, outside Slurm: the current directory)
-# The Python environment to activate; VENV= (empty) uses whatever python is on PATH (modules, conda).
-VENV=${VENV-"$SLURM_SUBMIT_DIR/.venv"}
+# ----- settings: environment variables, defaults below (set them before sbatch: `VAE_X=... sbatch ...`) -----
+# Settings are named VAE_*: sbatch passes the whole environment to the job, and a CONFIG or VENV of your own
+# must not change what it runs. The repository: VAE_REPO, else the directory you ran sbatch from.
+VAE_REPO=${VAE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [[ ! -f "$VAE_REPO/train.py" || ! -f "$VAE_REPO/slurm/common.sh" ]]; then
+  echo "error: $VAE_REPO is not the harness's repository (no train.py and slurm/common.sh there): submit from the repository's root, or set VAE_REPO=/path/to/the/repository" >&2
+  exit 1
+fi
+# The Python environment to activate; VAE_VENV= (empty) uses whatever python is on PATH (modules, conda).
+VENV=${VAE_VENV-"$VAE_REPO/.venv"}
 # ---------------------------------------------------------------------------------------------------------
 
 set -uo pipefail
-cd "$SLURM_SUBMIT_DIR" || exit 1
+cd "$VAE_REPO" || exit 1
 # shellcheck source=slurm/common.sh
 source slurm/common.sh || exit 1
 export PYTHONUNBUFFERED=1

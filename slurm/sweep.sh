@@ -4,9 +4,9 @@
 #   sbatch --array=0-2 slurm/sweep.sh                              # z_dim 2, 10, 20 on configs/z2.yaml
 #   sbatch --array=0-2%2 slurm/sweep.sh                            # at most 2 tasks at a time
 #   sbatch --array=0-2 slurm/sweep.sh configs/z20.yaml train.epochs=5   # [CONFIG] [overrides for every task]
-#   GPUS_PER_NODE=0 sbatch --gres=none --array=0-2 slurm/sweep.sh configs/debug.yaml   # CPU-only partitions
+#   VAE_GPUS_PER_NODE=0 sbatch --gres=none --array=0-2 slurm/sweep.sh configs/debug.yaml   # CPU-only partitions
 #
-# Task i runs slurm/train.sh with CONFIG, SWEEP[i]'s overrides and RUN_DIR=<SWEEP_DIR>/<name from the overrides>
+# Task i runs slurm/train.sh with CONFIG, SWEEP[i]'s overrides and VAE_RUN_DIR=<VAE_SWEEP_DIR>/<name from them>
 # (runs/z2-sweep/z_dim-10 for model.z_dim=10): the same directory after a requeue (so it resumes), another for
 # each setting. Preemption, requeue and the output are as in slurm/train.sh.
 #
@@ -25,25 +25,31 @@
 ##SBATCH --mem=16G                     # (two #: off) memory, partition, account ...
 ##SBATCH --partition=gpu
 
-# ----- settings: environment variables, defaults below (set them before sbatch: `X=... sbatch ...`) -----
-: "${SLURM_SUBMIT_DIR:=$PWD}"  # (run with plain bash, outside Slurm: the current directory)
+# ----- settings: environment variables, defaults below (set them before sbatch: `VAE_X=... sbatch ...`) -----
+# Settings are named VAE_*: sbatch passes the whole environment to the job, and a CONFIG or VENV of your own
+# must not change what it runs. The repository: VAE_REPO, else the directory you ran sbatch from.
+VAE_REPO=${VAE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [[ ! -f "$VAE_REPO/train.py" || ! -f "$VAE_REPO/slurm/common.sh" ]]; then
+  echo "error: $VAE_REPO is not the harness's repository (no train.py and slurm/common.sh there): submit from the repository's root, or set VAE_REPO=/path/to/the/repository" >&2
+  exit 1
+fi
 # The config every task starts from, when none is given as the first argument.
-SWEEP_CONFIG=${SWEEP_CONFIG:-configs/z2.yaml}
+SWEEP_CONFIG=${VAE_SWEEP_CONFIG:-configs/z2.yaml}
 # The sweep: one entry per array task, each a space-separated list of section.key=value overrides.
 SWEEP=(
   "model.z_dim=2"
   "model.z_dim=10"
   "model.z_dim=20"
 )
-# ...or from the environment, entries separated by ';':  SWEEP_LIST="model.z_dim=2;model.z_dim=5 train.lr=3e-4"
-if [[ -n "${SWEEP_LIST:-}" ]]; then IFS=';' read -r -a SWEEP <<<"$SWEEP_LIST"; fi
+# ...or from the environment, entries separated by ';':  VAE_SWEEP_LIST="model.z_dim=2;model.z_dim=5 train.lr=3e-4"
+if [[ -n "${VAE_SWEEP_LIST:-}" ]]; then IFS=';' read -r -a SWEEP <<<"$VAE_SWEEP_LIST"; fi
 # Where the tasks' run directories go. Unset: runs/<config name>-sweep.
-SWEEP_DIR=${SWEEP_DIR:-}
-# GPUS_PER_NODE, WANDB_MODE, VENV: as in slurm/train.sh, which runs each task.
+SWEEP_DIR=${VAE_SWEEP_DIR:-}
+# VAE_GPUS_PER_NODE, WANDB_MODE, VAE_VENV: as in slurm/train.sh, which runs each task.
 # ---------------------------------------------------------------------------------------------------------
 
 set -uo pipefail
-cd "$SLURM_SUBMIT_DIR" || exit 1
+cd "$VAE_REPO" || exit 1
 
 if [[ $# -gt 0 && "$1" != *=* ]]; then
   SWEEP_CONFIG=$1
@@ -58,7 +64,17 @@ if (( task >= ${#SWEEP[@]} )); then
   echo "error: array task $task, but the sweep has ${#SWEEP[@]} entries (use --array=0-$(( ${#SWEEP[@]} - 1 )))" >&2
   exit 1
 fi
-read -r -a setting <<<"${SWEEP[$task]}"
+# The entry's overrides: split at spaces, except where the next word does not start a new section.key=...
+# ("model.hidden=[512, 512] train.lr=3e-4" is two overrides).
+setting=()
+read -r -a words <<<"${SWEEP[$task]}"
+for word in "${words[@]}"; do
+  if [[ ${#setting[@]} -eq 0 || "$word" =~ ^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z0-9_.]+= ]]; then
+    setting+=("$word")
+  else
+    setting[-1]+=" $word"
+  fi
+done
 
 # The run directory is named after the setting, not after the task index or job id: a requeued task finds its
 # run again, and editing the list does not hand an old run to another setting.
@@ -69,10 +85,10 @@ for override in "${setting[@]}"; do
   value=${override#*=}
   name+="${name:+_}${key##*.}-${value}"
 done
-name=$(tr -c 'A-Za-z0-9._+=\n-' '_' <<<"${name:-task$task}")
+name=$(tr -d ' []' <<<"${name:-task$task}" | tr -c 'A-Za-z0-9._+=,\n-' '_')  # hidden-[512, 512] -> hidden-512,512
 config_name=$(basename "${SWEEP_CONFIG%.*}")
-export RUN_DIR="${SWEEP_DIR:-runs/${config_name}-sweep}/$name"
+export VAE_RUN_DIR="${SWEEP_DIR:-runs/${config_name}-sweep}/$name"
 
-echo "=== sweep task $task of ${#SWEEP[@]} (array job ${SLURM_ARRAY_JOB_ID:-?}): ${setting[*]} -> $RUN_DIR"
+echo "=== sweep task $task of ${#SWEEP[@]} (array job ${SLURM_ARRAY_JOB_ID:-?}): ${setting[*]} -> $VAE_RUN_DIR"
 # exec: slurm/train.sh becomes this job's shell, so it is what Slurm's USR1 (--signal=B:...) reaches.
-exec bash "$SLURM_SUBMIT_DIR/slurm/train.sh" "$SWEEP_CONFIG" "${setting[@]}" "$@"
+exec bash "$VAE_REPO/slurm/train.sh" "$SWEEP_CONFIG" "${setting[@]}" "$@"

@@ -6,8 +6,8 @@
 #   sbatch slurm/train.sh                                         # configs/z2.yaml, 1 GPU
 #   sbatch slurm/train.sh configs/z20.yaml train.epochs=50        # [CONFIG] [section.key=value ...]
 #   sbatch --gres=gpu:4 slurm/train.sh configs/z20.yaml           # 4 GPUs of one node, 4 processes (DDP)
-#   GPUS_PER_NODE=0 sbatch --gres=none slurm/train.sh configs/debug.yaml   # CPU-only partitions
-#   RUN_DIR=runs/z20-long sbatch slurm/train.sh configs/z20.yaml  # another run directory
+#   VAE_GPUS_PER_NODE=0 sbatch --gres=none slurm/train.sh configs/debug.yaml   # CPU-only partitions
+#   VAE_RUN_DIR=runs/z20-long sbatch slurm/train.sh configs/z20.yaml  # another run directory
 #
 # Preemption and time limits: 180 s before the end Slurm sends SIGUSR1 to this script, which passes it to the
 # training processes; they finish the current step, write a full checkpoint (mid-epoch), finish the W&B run and
@@ -33,24 +33,30 @@
 ##SBATCH --partition=gpu               # (two #: off) your GPU partition, account, QOS ...
 ##SBATCH --account=myproject
 
-# ----- settings: environment variables, defaults below (set them before sbatch: `X=... sbatch ...`) -----
-: "${SLURM_SUBMIT_DIR:=$PWD}"  # (run with plain bash, outside Slurm: the current directory)
+# ----- settings: environment variables, defaults below (set them before sbatch: `VAE_X=... sbatch ...`) -----
+# Settings are named VAE_*: sbatch passes the whole environment to the job, and a CONFIG or VENV of your own
+# must not change what it runs. The repository: VAE_REPO, else the directory you ran sbatch from.
+VAE_REPO=${VAE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [[ ! -f "$VAE_REPO/train.py" || ! -f "$VAE_REPO/slurm/common.sh" ]]; then
+  echo "error: $VAE_REPO is not the harness's repository (no train.py and slurm/common.sh there): submit from the repository's root, or set VAE_REPO=/path/to/the/repository" >&2
+  exit 1
+fi
 # Config when none is given as the first argument.
-CONFIG=${CONFIG:-configs/z2.yaml}
+CONFIG=${VAE_CONFIG:-configs/z2.yaml}
 # Processes per node = GPUs per node. Unset: the GPUs Slurm gave this job (SLURM_GPUS_ON_NODE,
 # CUDA_VISIBLE_DEVICES; nvidia-smi where Slurm does not manage GPUs). 0: one process on the CPU.
-GPUS_PER_NODE=${GPUS_PER_NODE:-}
+GPUS_PER_NODE=${VAE_GPUS_PER_NODE:-}
 # Run directory (becomes run.dir=...). Unset: the harness's runs/<config name>. A requeued job must train into
 # the same directory to resume, so it is fixed here, not derived from the job id.
-RUN_DIR=${RUN_DIR:-}
+RUN_DIR=${VAE_RUN_DIR:-}
 # Weights & Biases: offline (compute nodes often have no internet; `wandb sync` later), online, or disabled.
 export WANDB_MODE=${WANDB_MODE:-offline}
-# The Python environment to activate; VENV= (empty) uses whatever python/accelerate is on PATH (modules, conda).
-VENV=${VENV-"$SLURM_SUBMIT_DIR/.venv"}
+# The Python environment to activate; VAE_VENV= (empty) uses whatever python/accelerate is on PATH (modules, conda).
+VENV=${VAE_VENV-"$VAE_REPO/.venv"}
 # ---------------------------------------------------------------------------------------------------------
 
 set -uo pipefail
-cd "$SLURM_SUBMIT_DIR" || exit 1
+cd "$VAE_REPO" || exit 1
 # shellcheck source=slurm/common.sh
 source slurm/common.sh || exit 1
 export PYTHONUNBUFFERED=1  # lines reach slurm-*.out as they are printed

@@ -3,7 +3,7 @@
 #
 #   sbatch --nodes=2 slurm/train_multinode.sh configs/z20.yaml          # 2 nodes x their GPUs
 #   sbatch --nodes=4 slurm/train_multinode.sh configs/z20.yaml train.epochs=50
-#   GPUS_PER_NODE=0 sbatch --nodes=2 slurm/train_multinode.sh configs/debug.yaml   # CPU nodes: gloo, 1 per node
+#   VAE_GPUS_PER_NODE=0 sbatch --nodes=2 slurm/train_multinode.sh configs/debug.yaml   # CPU nodes: gloo, 1 per node
 #
 # Every node runs `accelerate launch --multi_gpu --num_machines N --machine_rank <its SLURM_NODEID> ...`; the
 # rank is read on that node (accelerate's own Slurm example passes none, which crashes with >1 GPU per node).
@@ -26,27 +26,33 @@
 ##SBATCH --partition=gpu               # (two #: off) your GPU partition, account, QOS ...
 ##SBATCH --account=myproject
 
-# ----- settings: environment variables, defaults below (set them before sbatch: `X=... sbatch ...`) -----
-: "${SLURM_SUBMIT_DIR:=$PWD}"  # (run with plain bash, outside Slurm: the current directory)
+# ----- settings: environment variables, defaults below (set them before sbatch: `VAE_X=... sbatch ...`) -----
+# Settings are named VAE_*: sbatch passes the whole environment to the job, and a CONFIG or VENV of your own
+# must not change what it runs. The repository: VAE_REPO, else the directory you ran sbatch from.
+VAE_REPO=${VAE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [[ ! -f "$VAE_REPO/train.py" || ! -f "$VAE_REPO/slurm/common.sh" ]]; then
+  echo "error: $VAE_REPO is not the harness's repository (no train.py and slurm/common.sh there): submit from the repository's root, or set VAE_REPO=/path/to/the/repository" >&2
+  exit 1
+fi
 # Config when none is given as the first argument.
-CONFIG=${CONFIG:-configs/z20.yaml}
+CONFIG=${VAE_CONFIG:-configs/z20.yaml}
 # Processes per node = GPUs per node (the same on every node). Unset: the GPUs Slurm gave this job on the first
 # node (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES; nvidia-smi where Slurm does not manage GPUs).
 # 0: CPU nodes, one process per node, DDP over gloo.
-GPUS_PER_NODE=${GPUS_PER_NODE:-}
+GPUS_PER_NODE=${VAE_GPUS_PER_NODE:-}
 # Run directory (becomes run.dir=...) on a file system every node sees. Unset: the harness's
 # runs/<config name>. A requeued job must train into the same directory to resume.
-RUN_DIR=${RUN_DIR:-}
+RUN_DIR=${VAE_RUN_DIR:-}
 # Weights & Biases: offline (compute nodes often have no internet; `wandb sync` later), online, or disabled.
 export WANDB_MODE=${WANDB_MODE:-offline}
-# The Python environment to activate; VENV= (empty) uses whatever python/accelerate is on PATH (modules, conda).
-VENV=${VENV-"$SLURM_SUBMIT_DIR/.venv"}
+# The Python environment to activate; VAE_VENV= (empty) uses whatever python/accelerate is on PATH (modules, conda).
+VENV=${VAE_VENV-"$VAE_REPO/.venv"}
 # Address the other nodes reach the first node at. Unset: its Slurm NodeAddr, resolved to an IPv4 address.
-MAIN_PROCESS_IP=${MAIN_PROCESS_IP:-}
+MAIN_PROCESS_IP=${VAE_MAIN_PROCESS_IP:-}
 # ---------------------------------------------------------------------------------------------------------
 
 set -uo pipefail
-cd "$SLURM_SUBMIT_DIR" || exit 1
+cd "$VAE_REPO" || exit 1
 # shellcheck source=slurm/common.sh
 source slurm/common.sh || exit 1
 if [[ -z "${SLURM_JOB_NODELIST:-}" ]]; then

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,9 +61,9 @@ def _job_env() -> dict[str, str]:
     """What the jobs see besides the cluster: this test's Python environment, CPU only, quiet W&B."""
     in_venv = sys.prefix != sys.base_prefix
     return {
-        "VENV": sys.prefix if in_venv else "",  # the scripts activate it ("" = the python on PATH)
+        "VAE_VENV": sys.prefix if in_venv else "",  # the scripts activate it ("" = the python on PATH)
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}:/usr/sbin:/sbin",
-        "GPUS_PER_NODE": "0",
+        "VAE_GPUS_PER_NODE": "0",
         "OMP_NUM_THREADS": "1",  # both "nodes" share this machine's cores
         "WANDB_MODE": "disabled",
     }
@@ -161,7 +162,7 @@ class Interruption:
 
 
 # Two processes of one "node" (as with two GPUs; gloo on the CPU here).
-TWO_PROCESSES = {"env": {"GPUS_PER_NODE": "2"}, "overrides": ("train.cpu=true",)}
+TWO_PROCESSES = {"env": {"VAE_GPUS_PER_NODE": "2"}, "overrides": ("train.cpu=true",)}
 INTERRUPTIONS = {
     # What Slurm does before a time limit with --signal=B:USR1@N: signal only the batch shell. Sent mid-epoch 2.
     # W&B logs offline here: its run must be finished before the requeue's SIGTERM reaches wandb's service.
@@ -261,19 +262,41 @@ def test_scancel_of_two_processes_checkpoints_mid_epoch_and_exits(interrupted):
     assert newest["epoch"] == 2 and newest["batches_done"] > 0  # mid-epoch 2, where it was cancelled
 
 
-def test_sweep_sh_job_array(slurm, tmp_path, job_env, mnist_root):
+def test_sweep_sh_from_another_directory_and_a_requeue_of_one_array_task(slurm, tmp_path, job_env, mnist_root):
+    """A sweep submitted from outside the repository (VAE_REPO), with an entry holding spaces, while the user's
+    environment has CONFIG, VENV, RUN_DIR... of its own; task 0 gets the warning signal and requeues itself
+    alone (not the whole array, Lightning #15022): task 1 runs to its end untouched."""
     sweep_dir = tmp_path / "sweep"
-    env = {**job_env, "SWEEP_CONFIG": "configs/debug.yaml", "SWEEP_LIST": "model.z_dim=2;model.z_dim=3",
-           "SWEEP_DIR": str(sweep_dir)}
-    job = submit(slurm, tmp_path, "slurm/sweep.sh", f"data.root={mnist_root}", env=env,
-                 sbatch_args=["--array=0-1", "--gres=none"], output="slurm-%x-%A_%a.out")
-    records = slurm.wait(job, timeout=180)
-    output = slurm.output(job)
-    assert len(records) == 2 and all(r["JobState"] == "COMPLETED" for r in records), output
-    assert sorted(p.name for p in sweep_dir.iterdir()) == ["z_dim-2", "z_dim-3"]
-    for z in (2, 3):
-        run = sweep_dir / f"z_dim-{z}"
-        assert_finished_run(run, epochs=1)
-        assert f"z_dim: {z}" in (run / "config.yaml").read_text()
+    env = {**job_env, "VAE_REPO": str(REPO), "VAE_SWEEP_CONFIG": "configs/debug.yaml",
+           "VAE_SWEEP_LIST": "model.z_dim=2;model.z_dim=3 model.hidden=[64, 32]", "VAE_SWEEP_DIR": str(sweep_dir),
+           # unrelated settings of the user's that sbatch passes on: none may reach the job
+           "CONFIG": "/nowhere.yaml", "VENV": "/nowhere", "RUN_DIR": "/nowhere", "GPUS_PER_NODE": "x",
+           "SWEEP_LIST": "model.z_dim=9"}
+    job = slurm.sbatch(f"--output={tmp_path}/slurm-%x-%A_%a.out", "--array=0-1", "--gres=none",
+                       "--cpus-per-task=1", str(REPO / "slurm/sweep.sh"), f"data.root={mnist_root}", *LONG,
+                       env=env, cwd=tmp_path)
+    first = sweep_dir / "z_dim-2"
+    wait_until(slurm, f"{job}_0", lambda: epochs_in(first) == [1], "task 0's epoch 1")
+    time.sleep(1.5)
+    slurm.run("scancel", "--signal=USR1", "--batch", f"{job}_0")
+    records = {r["ArrayTaskId"]: r for r in slurm.wait(job, timeout=300)}
+    outputs = {task: slurm.output_of(record) for task, record in records.items()}
+    assert all(r["JobState"] == "COMPLETED" for r in records.values()), outputs
+    assert records["0"]["Restarts"] == "1" and "stopped by SIGUSR1" in outputs["0"], outputs["0"]
+    assert records["1"]["Restarts"] == "0" and "SIGUSR1" not in outputs["1"], outputs["1"]
+    assert sorted(p.name for p in sweep_dir.iterdir()) == ["z_dim-2", "z_dim-3_hidden-64,32"]
+    for name, z, hidden in (("z_dim-2", 2, [400]), ("z_dim-3_hidden-64,32", 3, [64, 32])):
+        assert_finished_run(sweep_dir / name, epochs=3)
+        config = yaml.safe_load((sweep_dir / name / "config.yaml").read_text())
+        assert config["model"]["z_dim"] == z and config["model"]["hidden"] == hidden
     assert {p.name for p in tmp_path.glob("slurm-vae-sweep-*.out")} == {f"slurm-vae-sweep-{job}_{i}.out"
                                                                           for i in (0, 1)}
+
+
+def test_outside_the_repository_without_vae_repo_is_one_line(tmp_path):
+    result = subprocess.run(["bash", str(REPO / "slurm/train.sh")], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"]}, timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == (f"error: {tmp_path} is not the harness's repository (no train.py and "
+                                     "slurm/common.sh there): submit from the repository's root, or set "
+                                     "VAE_REPO=/path/to/the/repository")
