@@ -235,6 +235,39 @@ def test_evaluate_logs_into_the_same_run(offline_run, tmp_path):
     assert f"wandb sync --id {train_run.run_id}" in result.stdout
 
 
+@pytest.mark.slow
+def test_a_loose_model_file_gets_its_own_wandb_run_in_its_eval_folder(offline_run, tmp_path):
+    source, _ = offline_run
+    loose = tmp_path / "shared" / "model.pt"
+    loose.parent.mkdir()
+    shutil.copy(source / "last.pt", loose)
+    result = python("evaluate.py", "--ckpt", str(loose), "--iwae-k", "2", "--no-figures", "--wandb", timeout=300)
+    assert_ok(result)
+    wandb_dir = loose.parent / "eval" / "wandb"
+    assert f"{loose.parent} records no W&B run ({RUN_FILE}): the evaluation is logged as a new W&B run, its " \
+           f"files in {wandb_dir}" in result.stdout
+    assert sorted(p.name for p in loose.parent.iterdir()) == ["eval", "model.pt"]  # nothing else next to it
+    (segment,) = offline_run_dirs(loose.parent / "eval")
+    run = read_offline_run(segment)
+    assert run.exit_code == 0 and run.summary["eval/iwae_k"] == 2
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_project_when_log_project_changes(offline_run, tmp_path, mnist_root):
+    source, _ = offline_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir, symlinks=True)
+    overrides = [o for o in RUN_OVERRIDES if not o.startswith("train.epochs")] + ["train.epochs=3",
+                                                                                   "log.project=elsewhere"]
+    result = python(*train_cmd(run_dir, mnist_root, *overrides, wandb=True), timeout=300)
+    assert_ok(result)
+    first, second = (read_offline_run(d) for d in offline_run_dirs(run_dir))
+    assert second.run_id == first.run_id and second.project == first.project == "vae-mnist"
+    assert f"log.project=elsewhere ignored: this run directory's W&B run {first.run_id} is in project " \
+           f"vae-mnist ({RUN_FILE})" in result.stdout
+    assert json.loads((run_dir / RUN_FILE).read_text())["project"] == "vae-mnist"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Several processes, W&B off, W&B broken
 

@@ -141,8 +141,8 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         "num_processes": accelerator.num_processes,
         "wall_time_s": time.perf_counter() - started,
     }
+    out_dir = Path(out_dir) if out_dir else path.parent / "eval"
     if accelerator.is_main_process:
-        out_dir = Path(out_dir) if out_dir else path.parent / "eval"
         out = Path(out) if out else out_dir / "metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(results, indent=1))
@@ -157,9 +157,15 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
                                   "wall time (s)": results["wall_time_s"]})
         console.info(f"wrote {out}" + (f" and figures in {out_dir}" if figures else ""))
     if wandb:
-        # Into the run directory's W&B run (its id is in <run dir>/wandb_run.json), after its last step.
+        # Into the run directory's W&B run (its id is in <run dir>/wandb_run.json), after its last step. A file
+        # outside a run directory gets a W&B run of its own, with its files in the evaluation's folder.
+        in_run = tracking.read_run_file(path.parent) is not None
+        if not in_run:
+            console.info(f"{path.parent} records no W&B run ({tracking.RUN_FILE}): the evaluation is logged as a "
+                         f"new W&B run, its files in {out_dir / 'wandb'}")
         tracker = tracking.Tracker.start(accelerator, console, log=dataclasses.replace(cfg.log, wandb=True),
-                                         run_name=cfg.run.name, run_dir=path.parent, config=None, resumed=True)
+                                         run_name=cfg.run.name, run_dir=path.parent if in_run else out_dir,
+                                         config=None, resumed=in_run)
         tracker.log_evaluation(results, drawn if accelerator.is_main_process else {}, per_image["mu"],
                                per_image["labels"])
         accelerator.wait_for_everyone()

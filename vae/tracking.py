@@ -208,7 +208,8 @@ class Tracker:
         self.run_dir = run_dir
         self.run_id = record["id"] if record else new_run_id()
         self.logged_before = self.last_step = int(record.get("last_step", -1)) if record else -1
-        _write_run_file(run_dir, {"id": self.run_id, "project": log.project, "entity": log.entity,
+        project, entity = self._where_it_was(record, log) if record else (log.project, log.entity)
+        _write_run_file(run_dir, {"id": self.run_id, "project": project, "entity": entity,
                                   "last_step": self.last_step})
         _keep_wandb_files_in(run_dir)
         import wandb
@@ -222,7 +223,7 @@ class Tracker:
         silence = not any(os.environ.get(v) for v in ("WANDB_SILENT", "WANDB_QUIET"))
         init = {
             "name": log.name or run_name,
-            "entity": log.entity,
+            "entity": entity,
             "group": log.group,
             "tags": list(log.tags) or None,
             "dir": str(run_dir),
@@ -235,7 +236,7 @@ class Tracker:
         if mode:
             init["mode"] = mode
         try:
-            self._init(log.project, config, init)
+            self._init(project, config, init)
         except Exception as e:
             if mode == "offline" or configured is not None:
                 self._fail("W&B could not start", e)
@@ -248,12 +249,24 @@ class Tracker:
             except Exception:
                 pass
             try:
-                self._init(log.project, config, init)
+                self._init(project, config, init)
             except Exception as e2:
                 self._fail("W&B could not start offline either", e2)
                 return
         self.offline = bool(getattr(self.run.settings, "_offline", False)) or init.get("mode") == "offline"
         self._announce(why_offline)
+
+    def _where_it_was(self, record: dict, log) -> tuple[str, str | None]:
+        """The project and entity a resumed run keeps logging to: those its W&B run was made in (a changed
+        log.project would split its history over two runs)."""
+        project = record.get("project") or log.project
+        entity = record.get("entity") if "entity" in record else log.entity
+        for key, was, now in (("project", project, log.project), ("entity", entity, log.entity)):
+            if now != was:
+                self.console.warn(f"log.{key}={now} ignored: this run directory's W&B run {record['id']} is in "
+                                  f"{key} {was} ({RUN_FILE}); to log elsewhere, train into a new run.dir or "
+                                  f"with train.resume=false")
+        return project, entity
 
     def _init(self, project: str, config: dict | None, init: dict) -> None:
         try:
