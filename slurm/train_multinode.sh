@@ -106,6 +106,7 @@ echo "nodes:      $nodes (${SLURM_JOB_NODELIST:-?}); rendezvous $head_node = $MA
 echo "processes:  $total: $how; OMP_NUM_THREADS=$OMP_NUM_THREADS"
 echo "config:     $CONFIG ${overrides[*]}"
 echo "run dir:    $run_dir"
+echo "restarts:   ${SLURM_RESTART_COUNT:-0}; previous stop: $(previous_stop "$run_dir")"
 echo "python:     $(command -v python) | WANDB_MODE=$WANDB_MODE"
 echo "command:    srun --nodes=$nodes --ntasks-per-node=1 python -m vae.launcher --machine_rank \$SLURM_NODEID ${launcher_opts[*]} ${script[*]}"
 echo "==="

@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from vae import checkpoint, run_dir
+from vae import checkpoint, preemption, run_dir
 from vae.config import Config, LogConfig, TrainConfig
 from vae.console import RunConsole
 from vae.errors import TrainingError
@@ -418,3 +418,36 @@ def test_a_lock_file_left_by_a_dead_holder_does_not_block(tmp_path):
     lock = run_dir.RunDirLock(tmp_path).acquire()
     assert (tmp_path / ".lock").read_text().startswith(f"process {os.getpid()} ")
     lock.release()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Starts without progress: the requeue cap
+
+
+def _stops(directory, *trained_steps):
+    for trained in trained_steps:
+        preemption.record_start(directory)
+        preemption._append(directory, {"event": "stop", "signal": "SIGUSR1", "trained_steps": trained})
+
+
+def test_stops_without_progress_are_counted_back_to_the_last_stop_that_trained(tmp_path):
+    assert preemption.stops_without_progress(tmp_path) == 0  # no record yet
+    _stops(tmp_path, 0, 0, 120, 0, 0)
+    with open(tmp_path / preemption.STARTS_FILE, "a") as f:
+        f.write('{"event": "stop", "trai')  # cut by a kill
+    assert preemption.stops_without_progress(tmp_path) == 2
+    _stops(tmp_path, 5)
+    assert preemption.stops_without_progress(tmp_path) == 0
+
+
+def test_the_third_start_in_a_row_without_progress_is_not_requeued(tmp_path):
+    _stops(tmp_path, 7, 0, 0)
+    stop = preemption.StoppedToResume("stopped by SIGUSR1 at start-up", "SIGUSR1", "start-up", requeue_job="42")
+    stop.settle(tmp_path, trained_steps=0, main_process=True)
+    assert str(stop).endswith("; not requeued: the last 3 starts of this run were stopped before they trained a "
+                              "step (the warning came during start-up); give the job more time (--time) or the "
+                              "warning earlier (--signal=B:USR1@<more seconds>) and submit it again")
+    assert stop.exit_code == 138
+    last = json.loads((tmp_path / preemption.STARTS_FILE).read_text().splitlines()[-1])
+    assert (last["event"], last["trained_steps"], last["requeued"]) == ("stop", 0, False)
+    assert preemption.stops_without_progress(tmp_path) == 3

@@ -262,6 +262,38 @@ def test_scancel_of_two_processes_checkpoints_mid_epoch_and_exits(interrupted):
     assert newest["epoch"] == 2 and newest["batches_done"] > 0  # mid-epoch 2, where it was cancelled
 
 
+def test_warnings_during_start_up_stop_requeueing_after_three_starts(slurm, tmp_path, job_env, mnist_root):
+    """A time limit too short for the start-up: each start gets the warning before its first step. Such a start
+    has nothing new to save; the third in a row is not requeued, in one line saying why and what to change."""
+    from vae.preemption import STARTS_FILE
+
+    run = tmp_path / "run"
+    job = submit(slurm, tmp_path, "slurm/train.sh", "configs/debug.yaml", f"run.dir={run}",
+                 f"data.root={mnist_root}", *LONG, sbatch_args=["--gres=none", "--cpus-per-task=1"],
+                 env={**job_env, "WANDB_MODE": "offline"})  # W&B's start keeps each start-up a few seconds long
+
+    def starts() -> int:
+        return (run / STARTS_FILE).read_text().count('"event": "start"') if (run / STARTS_FILE).exists() else 0
+
+    for start in (1, 2, 3):
+        wait_until(slurm, job, lambda start=start: starts() == start, f"start {start}")
+        slurm.run("scancel", "--signal=USR1", "--batch", job)
+        if start < 3:
+            wait_until(slurm, job, lambda start=start: slurm.job(job)[0].get("Restarts") == str(start),
+                       f"requeue {start}")
+    record = slurm.wait(job, timeout=180)[0]
+    output = slurm.output(job)
+    assert record["JobState"] == "FAILED" and record["ExitCode"] == "138:0", record
+    assert record["Restarts"] == "2" and "| start 3 |" in output, output
+    assert output.count("stopped by SIGUSR1 at start-up, before its first step; nothing new to save") == 3, output
+    assert output.count("requeued Slurm job") == 2
+    assert "not requeued: the last 3 starts of this run were stopped before they trained a step (the warning " \
+           "came during start-up); give the job more time (--time)" in output
+    assert "restarts:   0; previous stop: none: the run's first start" in output
+    assert "restarts:   2; previous stop: SIGUSR1 at start-up, before its first step" in output
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+
+
 def test_sweep_sh_from_another_directory_and_a_requeue_of_one_array_task(slurm, tmp_path, job_env, mnist_root):
     """A sweep submitted from outside the repository (VAE_REPO), with an entry holding spaces, while the user's
     environment has CONFIG, VENV, RUN_DIR... of its own; task 0 gets the warning signal and requeues itself

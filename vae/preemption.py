@@ -6,10 +6,14 @@ small all-reduce), writes a full checkpoint mid-epoch and exits. Under Slurm, th
 the job so that it resumes from that checkpoint. A second Ctrl-C interrupts at once; so does a second SIGTERM
 (torchrun's agent and Slurm send TERM, then KILL: a process blocked in a collective whose peer is gone never
 gets to look at the flag). Checkpoints are written atomically, so the last complete one is never damaged.
+The handlers are in place from the start of the run's start-up: a warning then stops the run before its first
+step, and the run directory's starts.jsonl counts such starts, so that a job whose time limit is too short for
+its start-up is not requeued for ever.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,11 +22,14 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from .errors import TrainingError
 
 HANDLED = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 WARNINGS = ("SIGUSR1", "SIGUSR2")  # Slurm's notice before the end (--signal=B:USR1@180): checkpoint and requeue
 EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 138, "SIGUSR2": 140}
+POLL_STEPS = 10  # with several processes, how often they agree on whether a stop was requested
 # SIGTERMs closer together than this are one request: under Slurm the same TERM reaches a process from Slurm
 # itself, from the batch script and from torchrun's agent within milliseconds of each other.
 SAME_TERM_S = 2.0
@@ -56,6 +63,17 @@ class StopRequest:
             signal.set_wakeup_fd(-1)
             os.close(self._wakeup[1])  # the watcher reads the end of the pipe and leaves
             self._wakeup = None
+
+    def agreed(self, accelerator, step: int, every_step: bool = False, warnings_only: bool = False) -> bool:
+        """True on every process once any of them was asked to stop (with several processes checked every
+        POLL_STEPS steps, through a small all-reduce); warnings_only: asked by Slurm's warning signal."""
+        requested = self.signal_name in WARNINGS if warnings_only else self.requested
+        if accelerator.num_processes == 1:
+            return requested
+        if step % POLL_STEPS and not every_step:
+            return False
+        flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -108,7 +126,44 @@ def requeue_slurm_job(job_id: str) -> str:
     if result.returncode != 0:
         reason = (result.stderr.strip() or result.stdout.strip() or f"exit {result.returncode}").splitlines()[0]
         return f"could not requeue Slurm job {job_id} ({reason}); resubmit it to resume"
-    return f"requeued Slurm job {job_id}; it resumes from this checkpoint"
+    return f"requeued Slurm job {job_id}; its next start resumes from the newest checkpoint"
+
+
+# The run directory's record of its starts and requested stops, one JSON line each. A stop that trained no step
+# (the warning came while the run was still starting) is "without progress"; after MAX_STARTS_WITHOUT_PROGRESS
+# of them in a row the warning no longer requeues the job: a time limit too short for the start-up would
+# otherwise requeue it for ever. Stops that trained something are never counted (submitit caps at 3 as well).
+STARTS_FILE = "starts.jsonl"
+MAX_STARTS_WITHOUT_PROGRESS = 3
+
+
+def record_start(run_dir: Path) -> None:
+    _append(run_dir, {"event": "start", "time": time.strftime("%Y-%m-%d %H:%M:%S"), "slurm_job": slurm_job_id(),
+                      "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT") or 0)})
+
+
+def _append(run_dir: Path, record: dict) -> None:
+    with open(Path(run_dir) / STARTS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def stops_without_progress(run_dir: Path) -> int:
+    """How many requested stops in a row, the newest last, trained no step."""
+    try:
+        lines = (Path(run_dir) / STARTS_FILE).read_text().splitlines()
+    except OSError:
+        return 0
+    count = 0
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if record.get("event") == "stop":
+            if record.get("trained_steps", 1) > 0:
+                break
+            count += 1
+    return count
 
 
 class StoppedToResume(TrainingError):
@@ -117,24 +172,39 @@ class StoppedToResume(TrainingError):
     other business (W&B above all: a requeue sends SIGTERM to every process of the job, wandb's service among
     them, so it comes last)."""
 
-    def __init__(self, message: str, signal_name: str | None, requeue_job: str | None):
+    def __init__(self, message: str, signal_name: str | None, where: str, requeue_job: str | None):
         super().__init__(message)
+        self.signal_name, self.where = signal_name, where
         self.exit_code = EXIT_CODES.get(signal_name, 1)
         self.requeue_job = requeue_job
 
-    def requeue(self) -> None:
-        """Ask Slurm to requeue the job (if this process should) and add what happened to the message."""
+    def settle(self, run_dir: Path, trained_steps: int, main_process: bool) -> None:
+        """Requeue the Slurm job (if this process should, and unless too many starts in a row made no progress),
+        add what happened to the message, and record the stop in the run directory (the main process)."""
+        requeued = False
         if self.requeue_job:
-            self.args = (f"{self.args[0]}; {requeue_slurm_job(self.requeue_job)}",)
+            idle = stops_without_progress(run_dir) + 1 if trained_steps == 0 else 0
+            if idle >= MAX_STARTS_WITHOUT_PROGRESS:
+                outcome = (f"not requeued: the last {idle} starts of this run were stopped before they trained a "
+                           f"step (the warning came during start-up); give the job more time (--time) or the "
+                           f"warning earlier (--signal=B:USR1@<more seconds>) and submit it again")
+            else:
+                outcome = requeue_slurm_job(self.requeue_job)
+                requeued = outcome.startswith("requeued")
+            self.args = (f"{self.args[0]}; {outcome}",)
             self.requeue_job = None
+        if main_process:
+            _append(run_dir, {"event": "stop", "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "signal": self.signal_name, "where": self.where, "trained_steps": trained_steps,
+                              "requeued": requeued})
 
 
-def leave_after_checkpoint(stop: StopRequest, accelerator, saved: Path, where: str) -> None:
-    """After the checkpoint of a requested stop (every process calls this): raise StoppedToResume. Under Slurm,
-    the warning signal (SIGUSR1 or SIGUSR2) asks the main process to requeue
-    the job (StoppedToResume.requeue, called by the training once W&B
-    is finished)."""
-    message = f"stopped by {stop.signal_name} at {where}; saved {saved}"
+def leave_after_checkpoint(stop: StopRequest, accelerator, saved: Path | None, where: str) -> None:
+    """After the checkpoint of a requested stop (every process calls this; saved is None when the stop came
+    before the first step, with nothing new to save): raise StoppedToResume. Under Slurm, the warning signal
+    (SIGUSR1 or SIGUSR2) asks the main process to requeue the job (StoppedToResume.settle, called by the
+    training once W&B is finished)."""
+    message = f"stopped by {stop.signal_name} at {where}; " + (f"saved {saved}" if saved else "nothing new to save")
     job, requeue_job = slurm_job_id(), None
     if stop.signal_name in WARNINGS and job:
         requeue_job = job if accelerator.is_main_process else None
@@ -143,4 +213,4 @@ def leave_after_checkpoint(stop: StopRequest, accelerator, saved: Path, where: s
     else:
         message += "; run the same command again to resume"
     accelerator.wait_for_everyone()
-    raise StoppedToResume(message, stop.signal_name, requeue_job)
+    raise StoppedToResume(message, stop.signal_name, where, requeue_job)

@@ -28,14 +28,11 @@ from .errors import TrainingError
 from .evaluation import evaluate_test_set
 from .launch import check_training_launch, cpu_threads, environment_info, make_accelerator
 from .model import VAE
-from .preemption import WARNINGS, StoppedToResume, StopRequest, leave_after_checkpoint
+from .preemption import WARNINGS, StoppedToResume, StopRequest, leave_after_checkpoint, record_start
 from .resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr, resume_full_state
 from .run_dir import disk_full_error, full_state_bytes, prepare_run_dir, room_or_fail, space_needed
 from .run_state import EpochSoFar, RunState
 from .step import NonFiniteSteps, TrainStep, applied_updates, make_optimizer, make_train_step, restore_step_settings
-
-STOP_POLL_STEPS = 10  # with several processes, how often they agree on whether a stop was requested
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The whole run
@@ -66,25 +63,31 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         cleanup.callback(lock.release)
     if resume:
         check_resumable(cfg.run_dir, cfg)
-    loop = _build_loop(cfg, accelerator, console, load_training_data(cfg, accelerator, console.info))
+    # From here on, start-up included, SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C stop the run at a checkpoint; Slurm's warning
+    # during start-up stops it before its first step, with nothing new to save (vae.preemption caps such starts).
+    stop = StopRequest().install()
+    cleanup.callback(stop.uninstall)
+    if accelerator.is_main_process:
+        record_start(cfg.run_dir)
+    loop = _build_loop(cfg, accelerator, console, load_training_data(cfg, accelerator, console.info), stop)
     state = _resume(loop) if resume else RunState()
+    first_step = state.step
     _write_run_files(loop, state)
     loop.tracker = tracking.Tracker.start(accelerator, console, log=cfg.log, run_name=cfg.run.name,
                                           run_dir=cfg.run_dir, config=loop.config_dict, resumed=resume)
     loop.tracker.define_epoch_metrics()
     evaluation, drawn = None, None
-    loop.stop.install()  # from here on, SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C stop at a checkpoint
     try:
+        if stop.agreed(accelerator, state.step, every_step=True, warnings_only=True):
+            leave_after_checkpoint(stop, accelerator, None, "start-up, before its first step")
         while state.epoch <= cfg.train.epochs:
             evaluation, drawn = _run_epoch(loop, state)
     except BaseException as error:
-        loop.tracker.interrupted(preempted=loop.stop.signal_name in (*WARNINGS, "SIGTERM"),  # Slurm resumes it
+        loop.tracker.interrupted(preempted=stop.signal_name in (*WARNINGS, "SIGTERM"),  # Slurm resumes it
                                  exit_code=getattr(error, "exit_code", 1))
-        if isinstance(error, StoppedToResume):
-            error.requeue()  # after W&B has finished: the requeue SIGTERMs the whole job
+        if isinstance(error, StoppedToResume):  # after W&B has finished: a requeue SIGTERMs the whole job
+            error.settle(cfg.run_dir, state.step - first_step, accelerator.is_main_process)
         raise
-    finally:
-        loop.stop.uninstall()
     if evaluation is None:  # nothing left to train: the run had already reached train.epochs
         console.info(f"{cfg.run_dir} already finished {cfg.train.epochs} epochs; raise train.epochs to train further")
         evaluation = loop.test_pass()
@@ -127,7 +130,8 @@ class Loop:
                                           self.cfg.train.keep_checkpoints, full_state_bytes(self.raw_model))
 
 
-def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data: TrainingData) -> Loop:
+def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data: TrainingData,
+                stop: StopRequest) -> Loop:
     # Every rank is seeded alike and stays alike: the training noise of a global batch is drawn whole on every
     # rank (vae.step), so 1 or N processes train the same model.
     set_seed(cfg.train.seed)
@@ -147,7 +151,7 @@ def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data
         room_or_fail(cfg.run_dir, space_needed(raw_model, cfg))
     accelerator.wait_for_everyone()
     return Loop(cfg, accelerator, console, data, raw_model, train_step, scheduler,
-                NonFiniteSteps(cfg.train.skip_nonfinite, console), StopRequest())
+                NonFiniteSteps(cfg.train.skip_nonfinite, console), stop)
 
 
 def _resume(loop: Loop) -> RunState:
@@ -198,7 +202,7 @@ def _run_epoch(loop: Loop, state: RunState) -> tuple[dict, dict | None]:
     row = _epoch_row(epoch, trained, evaluation, loop, train_time, time.perf_counter() - started)
     improved = state.finish_epoch(row)
     drawn = _report_epoch(loop, row, evaluation, improved) if loop.accelerator.is_main_process else None
-    stopping = _stop_agreed(loop.stop, loop.accelerator, state.step, every_step=True)
+    stopping = loop.stop.agreed(loop.accelerator, state.step, every_step=True)
     if stopping or epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
         saved = loop.save_state(state)
         if stopping and epoch < cfg.train.epochs:
@@ -250,7 +254,7 @@ def train_one_epoch(loop: Loop, state: RunState, bar) -> EpochResult:
         bar.advance()
         if step % loop.cfg.log.every_steps == 0:
             progress.report(epoch, step, seen, bar)
-        if _stop_agreed(loop.stop, accelerator, step):
+        if loop.stop.agreed(accelerator, step):
             stopped = True
             break
     totals = accelerator.reduce(torch.tensor([so_far.loss_sum + sums.sum().item(), float(seen),
@@ -295,16 +299,6 @@ class ProgressReport:
 
 def current_lr(train_step: TrainStep) -> float:
     return float(train_step.inner_optimizer.param_groups[0]["lr"])  # a device tensor under train.cuda_graph
-
-
-def _stop_agreed(stop: StopRequest, accelerator: Accelerator, step: int, every_step: bool = False) -> bool:
-    """True on every process once any of them was asked to stop (checked every STOP_POLL_STEPS steps)."""
-    if accelerator.num_processes == 1:
-        return stop.requested
-    if step % STOP_POLL_STEPS and not every_step:
-        return False
-    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
-    return accelerator.reduce(flag, reduction="sum").item() > 0
 
 
 def _stop_if_not_finite(value: float, epoch: int, step: int) -> None:
