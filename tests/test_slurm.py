@@ -173,6 +173,8 @@ INTERRUPTIONS = {
     "usr2 2 processes": Interruption(("scancel", "--signal=USR2", "--batch"), 1.5, **TWO_PROCESSES),
     # scancel: SIGTERM to every process of the job, torchrun's agent included, and no requeue.
     "scancel 2 processes": Interruption(("scancel",), 1.5, ends="CANCELLED", **TWO_PROCESSES),
+    # scancel with W&B offline: the same TERM reaches wandb's service.
+    "scancel wandb": Interruption(("scancel",), 1.5, env={"WANDB_MODE": "offline"}, ends="CANCELLED"),
 }
 
 
@@ -260,6 +262,19 @@ def test_scancel_of_two_processes_checkpoints_mid_epoch_and_exits(interrupted):
     assert "stopped as planned (exit code 143)" in output and "training exited with code 143" in output
     newest = read_trainer_state(complete_states(result["run"])[-1][1])
     assert newest["epoch"] == 2 and newest["batches_done"] > 0  # mid-epoch 2, where it was cancelled
+
+
+def test_scancel_closes_the_wandb_run_as_preempted(interrupted):
+    """scancel stops wandb's service together with the training (wandb #9963): the run's W&B history must still
+    end closed, as preempted, and the same command continues it."""
+    result = interrupted["scancel wandb"].result()
+    output, run = result["output"], result["run"]
+    assert "stopped by SIGTERM" in output and "Traceback" not in output, output
+    segments = [read_offline_run(d) for d in offline_run_dirs(run)]
+    assert len({s.run_id for s in segments}) == 1, output
+    assert segments[-1].exit_code == 143 and segments[-1].record_kinds.get("preempting") == 1, output
+    steps = [step for segment in segments for step in segment.steps]
+    assert steps == sorted(steps) and steps, output
 
 
 def test_warnings_during_start_up_stop_requeueing_after_three_starts(slurm, tmp_path, job_env, mnist_root):

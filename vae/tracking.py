@@ -33,6 +33,7 @@ from .errors import first_line
 
 RUN_FILE = "wandb_run.json"
 STEP_FILE_EVERY_S = 30.0  # how often the last logged step is written to RUN_FILE while training
+FLUSH_EVERY_S = 2.0  # how often wandb writes what was logged to the run's offline file (see _settings)
 ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -148,6 +149,18 @@ def figure_to_image(fig, caption: str | None = None):
     return wandb.Image(Image.open(buffer), caption=caption)
 
 
+def _settings(silent: bool):
+    """wandb's settings for the harness's runs: silent unless the user asks otherwise, and the run's offline file
+    written every FLUSH_EVERY_S seconds (wandb's default, 15 s, would lose that much when Slurm stops the
+    service together with the job)."""
+    import wandb
+
+    values = {"silent": True} if silent else {}
+    if "x_transaction_log_flush_interval" in getattr(wandb.Settings, "model_fields", {}):  # wandb >= 0.22
+        values["x_transaction_log_flush_interval"] = FLUSH_EVERY_S
+    return wandb.Settings(**values) if values else None
+
+
 def _stop_wandb_service() -> None:
     """wandb's service process outlives run.finish(); an atexit hook of wandb's stops it when Python exits. A
     process leaving after a stop must not leave that to the hook: a Slurm requeue or scancel signals every
@@ -231,7 +244,7 @@ class Tracker:
             "resume": "allow",
             # wandb's own banner and footer would interleave with the harness's output: the harness prints
             # the run's address (or sync command) itself. wandb's warnings still show.
-            "settings": wandb.Settings(silent=True) if silence else None,
+            "settings": _settings(silent=silence),
         }
         if mode:
             init["mode"] = mode
@@ -444,13 +457,40 @@ class Tracker:
         preempted rather than failed."""
         if self.run is None:
             return
-        if preempted:
-            self._guard("marking the run preempted", lambda: self.run.mark_preempting())
         self.save_step()
-        self._guard("finishing the run", lambda: self.run.finish(exit_code=exit_code))
+        try:
+            if preempted:
+                self.run.mark_preempting()
+            self.run.finish(exit_code=exit_code)
+        except Exception as error:
+            self._close_without_the_service(preempted, exit_code, error)
         self.run = None
         self._drop_accelerate_trackers()
         _stop_wandb_service()
+
+    def _close_without_the_service(self, preempted: bool, exit_code: int, error: Exception) -> None:
+        """wandb's service died before the run was finished: scancel and Slurm's other SIGTERMs reach every process
+        of the job, the service too (wandb #9963). What it had not written yet is lost (at most the last
+        FLUSH_EVERY_S seconds); a new start of the same W&B run, in a folder of its own, records how the run
+        ended, so that it shows as preempted (or failed), not crashed."""
+        import wandb
+
+        _stop_wandb_service()
+        record = read_run_file(self.run_dir) or {}
+        try:
+            run = wandb.init(id=self.run_id, resume="allow", dir=str(self.run_dir), project=record.get("project"),
+                             entity=record.get("entity"), mode="offline" if self.offline else None,
+                             settings=wandb.Settings(silent=True))
+            if preempted:
+                run.mark_preempting()
+            run.finish(exit_code=exit_code)
+        except Exception as again:
+            self._fail("W&B failed while finishing the run", again)
+            return
+        self.console.warn(f"W&B's service stopped before the run was finished ({first_line(error)}; scancel and "
+                          f"Slurm's other SIGTERMs reach it too): the run is closed as "
+                          f"{'preempted' if preempted else 'failed'} in a new segment; what it logged in its last "
+                          f"{FLUSH_EVERY_S:.0f} s may be missing")
 
     def end_training(self) -> None:
         """accelerator.end_training() on every process (finishes the W&B run, destroys the process group), with
