@@ -27,6 +27,27 @@ def test_every_shipped_config_loads_and_says_how_to_run_it():
         assert "Run:" in path.read_text().split("\n\n")[0]
 
 
+PRESETS = {  # configs/accelerate/*.yaml: what each must start
+    "cpu_2_processes.yaml": ("MULTI_GPU", 2, 1, "no"),
+    "one_gpu.yaml": ("NO", 1, 1, "no"),
+    "one_node_all_gpus.yaml": ("MULTI_GPU", 8, 1, "no"),
+    "multi_node.yaml": ("MULTI_GPU", 16, 2, "no"),
+    "bf16.yaml": ("NO", 1, 1, "bf16"),
+}
+
+
+def test_every_launcher_preset_loads_in_accelerates_own_loader_and_says_how_to_use_it():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    presets = REPO / "configs" / "accelerate"
+    assert sorted(p.name for p in presets.glob("*.yaml")) == sorted(PRESETS)
+    for name, (distributed, processes, machines, precision) in PRESETS.items():
+        loaded = load_config_from_file(str(presets / name))
+        assert (loaded.distributed_type.value, loaded.num_processes, loaded.num_machines,
+                str(loaded.mixed_precision)) == (distributed, processes, machines, precision), name
+        assert f"accelerate launch --config_file configs/accelerate/{name}" in (presets / name).read_text(), name
+
+
 def test_precedence_cli_beats_yaml_beats_defaults():
     cfg = load_config(REPO / "configs/debug.yaml", ["train.epochs=5", "model.z_dim=10", "model.hidden=[64, 32]"])
     assert cfg.train.epochs == 5 and cfg.model.z_dim == 10 and cfg.model.hidden == (64, 32)

@@ -7,7 +7,7 @@ import torch
 
 from vae.checkpoint import load_model_file
 
-from .conftest import ACCELERATE_LAUNCH, accelerate_launch, assert_ok, python, read_jsonl, start, train_cmd
+from .conftest import ACCELERATE_LAUNCH, accelerate_launch, assert_ok, python, read_jsonl, run_cmd, start, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -250,6 +250,14 @@ def test_a_state_that_does_not_fit_the_model_is_named_as_such_not_as_damaged(tmp
     assert "does not fit this run's model and optimizer (" in result.stderr, result.stderr
     assert "size mismatch" in result.stderr and "trying an older checkpoint" not in result.stdout
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_cpu_launcher_preset_runs_two_processes(tmp_path, mnist_root):
+    result = run_cmd([*ACCELERATE_LAUNCH[:2], "--config_file", "configs/accelerate/cpu_2_processes.yaml",
+                      *train_cmd(tmp_path / "r", mnist_root, "train.cpu=true", "log.figures=false")])
+    assert_ok(result)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and len(set(summary["param_checksum_per_rank"])) == 1
 
 
 def test_a_cpu_run_under_accelerate_launch_uses_the_cores_unless_threads_were_chosen(tmp_path, mnist_root):
