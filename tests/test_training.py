@@ -252,6 +252,26 @@ def test_a_state_that_does_not_fit_the_model_is_named_as_such_not_as_damaged(tmp
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_early_stopping_ends_the_run_as_finished_on_every_process(tmp_path, mnist_root):
+    """train.early_stop_patience=2 with a learning rate too small to move the weights: val/loss never improves
+    after epoch 1, so the run stops after epoch 3 of 10, on both processes together, and ends as a finished run.
+    The same command again trains nothing more."""
+    run_dir = tmp_path / "r"
+    settings = ("train.epochs=10", "train.early_stop_patience=2", "train.lr=1e-30", "data.train_subset=500")
+    result = accelerate_launch("--multi_gpu", "--num_processes", "2",
+                               *train_cmd(run_dir, mnist_root, "train.cpu=true", *settings))
+    assert_ok(result)
+    reason = "stopped early after epoch 3: no better val/loss for 2 epochs (train.early_stop_patience=2; the best, "
+    assert reason in result.stdout and "at epoch 1)" in result.stdout
+    assert [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_early"] is True and summary["epoch"] == 3 and summary["best/epoch"] == 1
+    assert (run_dir / "last.pt").is_file() and (run_dir / "loss.png").is_file()
+    again = python(*train_cmd(run_dir, mnist_root, *settings))
+    assert_ok(again)
+    assert reason in again.stdout and [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_the_cpu_launcher_preset_runs_two_processes(tmp_path, mnist_root):
     result = run_cmd([*ACCELERATE_LAUNCH[:2], "--config_file", "configs/accelerate/cpu_2_processes.yaml",
                       *train_cmd(tmp_path / "r", mnist_root, "train.cpu=true", "log.figures=false")])

@@ -93,6 +93,9 @@ class TrainConfig:
     every step, which costs a device sync (and an all-reduce with several processes) per step."""
     num_threads: int | None = None
     """CPU threads per process for torch. None: torch's default (or OMP_NUM_THREADS)."""
+    early_stop_patience: int | None = None
+    """Stop after this many epochs in a row without a better val/loss (the run then ends as a finished one, at
+    the epoch it reached). None: train all epochs."""
     dist_timeout_s: float | None = None
     """With several processes: how long a collective waits for the others before failing (a process that hangs
     or stops answering). None: torch's default (10 minutes for NCCL, 30 for gloo)."""
@@ -106,6 +109,9 @@ class TrainConfig:
         _require(self.skip_nonfinite >= 0, "train.skip_nonfinite", ">= 0", self.skip_nonfinite)
         if self.num_threads is not None:
             _require(self.num_threads >= 1, "train.num_threads", ">= 1 or null", self.num_threads)
+        if self.early_stop_patience is not None:
+            _require(self.early_stop_patience >= 1, "train.early_stop_patience", ">= 1 or null",
+                     self.early_stop_patience)
         if self.dist_timeout_s is not None:
             _require(self.dist_timeout_s > 0, "train.dist_timeout_s", "> 0 or null", self.dist_timeout_s)
 

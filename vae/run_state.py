@@ -62,6 +62,22 @@ class RunState:
         self.batches_done = batches_done
         self.so_far = EpochSoFar(loss_sum, seen, batch_order)
 
+    def epochs_without_improvement(self) -> int:
+        """Finished epochs since the one with the best val/loss."""
+        return self.epoch - 1 - self.best_epoch if self.best_epoch is not None else 0
+
+    def stops_early(self, patience: int | None) -> bool:
+        """train.early_stop_patience epochs in a row without a better val/loss (the same on every process: the
+        test pass's val/loss is the all-process one)."""
+        return patience is not None and self.epochs_without_improvement() >= patience
+
+    def early_stop_reason(self, patience: int | None) -> str | None:
+        if not self.stops_early(patience):
+            return None
+        return (f"stopped early after epoch {self.epoch - 1}: no better val/loss for "
+                f"{self.epochs_without_improvement()} epochs (train.early_stop_patience={patience}; the best, "
+                f"{self.best_loss:.3f}, at epoch {self.best_epoch})")
+
     def finish_epoch(self, row: dict) -> bool:
         """Record an epoch's metrics row and move on to the next epoch; True when its val/loss is the best yet."""
         self.history.append(row)

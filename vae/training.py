@@ -80,7 +80,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     try:
         if stop.agreed(accelerator, state.step, every_step=True, warnings_only=True):
             leave_after_checkpoint(stop, accelerator, None, "start-up, before its first step")
-        while state.epoch <= cfg.train.epochs:
+        while state.epoch <= cfg.train.epochs and not state.stops_early(cfg.train.early_stop_patience):
             evaluation, drawn = _run_epoch(loop, state)
     except BaseException as error:
         loop.tracker.interrupted(preempted=stop.signal_name in (*WARNINGS, "SIGTERM"),  # Slurm resumes it
@@ -88,10 +88,11 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         if isinstance(error, StoppedToResume):  # after W&B has finished: a requeue SIGTERMs the whole job
             error.settle(cfg.run_dir, state.step - first_step, accelerator.is_main_process)
         raise
-    if evaluation is None:  # nothing left to train: the run had already reached train.epochs
+    if stopped_early := state.early_stop_reason(cfg.train.early_stop_patience):
+        console.info(stopped_early)
+    elif evaluation is None:  # nothing left to train: the run had already reached train.epochs
         console.info(f"{cfg.run_dir} already finished {cfg.train.epochs} epochs; raise train.epochs to train further")
-        evaluation = loop.test_pass()
-    return _finish(loop, state, evaluation, drawn, time.perf_counter() - started)
+    return _finish(loop, state, evaluation or loop.test_pass(), drawn, time.perf_counter() - started)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,9 +204,10 @@ def _run_epoch(loop: Loop, state: RunState) -> tuple[dict, dict | None]:
     improved = state.finish_epoch(row)
     drawn = _report_epoch(loop, row, evaluation, improved) if loop.accelerator.is_main_process else None
     stopping = loop.stop.agreed(loop.accelerator, state.step, every_step=True)
-    if stopping or epoch % cfg.train.checkpoint_every == 0 or epoch == cfg.train.epochs:
+    last = epoch == cfg.train.epochs or state.stops_early(cfg.train.early_stop_patience)
+    if stopping or epoch % cfg.train.checkpoint_every == 0 or last:
         saved = loop.save_state(state)
-        if stopping and epoch < cfg.train.epochs:
+        if stopping and not last:
             leave_after_checkpoint(loop.stop, loop.accelerator, saved, f"the start of epoch {epoch + 1}")
     return evaluation, drawn
 
@@ -380,13 +382,14 @@ def _finish(loop: Loop, state: RunState, evaluation: dict, drawn: dict | None, w
         "num_processes": accelerator.num_processes,
         "param_checksum_per_rank": checksums,
         "run_dir": str(cfg.run_dir),
+        "stopped_early": state.stops_early(cfg.train.early_stop_patience),
     }
     if accelerator.is_main_process:
         if cfg.log.figures:
             drawn = drawn or _draw(loop, evaluation)
             figures.save_figures({"loss.png": figures.loss_curve(history), **drawn}, cfg.run_dir)
         checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(final, indent=1))
-        shown = {k: v for k, v in final.items() if k not in ("param_checksum_per_rank", "run_dir")}
+        shown = {k: v for k, v in final.items() if k not in ("param_checksum_per_rank", "run_dir", "stopped_early")}
         loop.console.summary_table(f"{cfg.run_dir}: done", shown)
         loop.tracker.summary({**{k: v for k, v in shown.items() if k != "train/loss"},
                               "train/epoch_loss": final["train/loss"],
