@@ -272,12 +272,19 @@ def test_early_stopping_ends_the_run_as_finished_on_every_process(tmp_path, mnis
     assert reason in again.stdout and [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
 
 
-def test_the_cpu_launcher_preset_runs_two_processes(tmp_path, mnist_root):
+def test_the_cpu_launcher_preset_runs_two_processes_that_report_their_speed_and_memory(tmp_path, mnist_root):
     result = run_cmd([*ACCELERATE_LAUNCH[:2], "--config_file", "configs/accelerate/cpu_2_processes.yaml",
                       *train_cmd(tmp_path / "r", mnist_root, "train.cpu=true", "log.figures=false")])
     assert_ok(result)
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["num_processes"] == 2 and len(set(summary["param_checksum_per_rank"])) == 1
+    (row,) = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert row["samples_per_rank"] == [1000, 1000]
+    assert sum(row["samples_per_s_per_rank"]) == pytest.approx(row["samples_per_s"])
+    assert 0 <= row["data_wait_share"] < 0.5
+    assert len(row["peak_memory_mb_per_rank"]) == 2 and all(200 < mb < 8000 for mb in row["peak_memory_mb_per_rank"])
+    peak = max(row["peak_memory_mb_per_rank"])
+    assert f"data wait {row['data_wait_share']:.1%}  peak {peak:.0f} MB" in result.stdout
 
 
 def test_a_cpu_run_under_accelerate_launch_uses_the_cores_unless_threads_were_chosen(tmp_path, mnist_root):

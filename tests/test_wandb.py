@@ -105,7 +105,8 @@ def test_config_history_and_summary(offline_run):
     # history: train/* every 15 steps, val/* at each epoch's end, never backwards
     assert run.steps == _expected_steps(1, 2 * STEPS_PER_EPOCH, 15, STEPS_PER_EPOCH) == [15, 30, 40, 45, 60, 75, 80]
     train_keys = {"train/loss", "train/recon", "train/kl", "train/lr", "train/samples_per_s"}
-    epoch_keys = {"epoch", "val/loss", "val/recon", "val/kl", "train/epoch_loss"}
+    epoch_keys = {"epoch", "val/loss", "val/recon", "val/kl", "train/epoch_loss", "perf/samples_per_s",
+                  "perf/data_wait_share", "perf/peak_memory_mb"}
     for row in run.history:
         assert (train_keys <= row.keys()) == (row["_step"] % 15 == 0), row["_step"]
         assert (epoch_keys <= row.keys()) == (row["_step"] % STEPS_PER_EPOCH == 0), row["_step"]
@@ -120,6 +121,9 @@ def test_config_history_and_summary(offline_run):
         assert row["train/epoch_loss"] == pytest.approx(line["train/loss"])
     # epoch-level charts use `epoch` as their x-axis
     assert run.metrics["val/*"]["step_metric"] == "epoch" and run.metrics["figures/*"]["step_metric"] == "epoch"
+    assert run.metrics["perf/*"]["step_metric"] == "epoch"
+    for row, line in zip(epochs, metrics, strict=True):
+        assert row["perf/peak_memory_mb"] == pytest.approx(max(line["peak_memory_mb_per_rank"]))
     # summary: best val/loss and its epoch, final numbers, time
     best = min(metrics, key=lambda r: r["val/loss"])
     assert run.summary["best/val_loss"] == pytest.approx(best["val/loss"])

@@ -47,6 +47,8 @@ class RunConsole:
             f"epoch {row['epoch']:>3}  train/loss {row['train/loss']:8.3f}  val/loss {row['val/loss']:8.3f}  "
             f"val/recon {row['val/recon']:8.3f}  val/kl {row['val/kl']:6.3f}  "
             f"{row['samples_per_s']:9.0f} samples/s  {row['epoch_time_s']:5.1f} s"
+            + (f"  data wait {row['data_wait_share']:.1%}  peak {max(row['peak_memory_mb_per_rank']):.0f} MB"
+               if "data_wait_share" in row else "")
         )
 
     def summary_table(self, title: str, values: dict) -> None:

@@ -59,6 +59,10 @@ class TrainStep:
         # images at ~150 nats must not lose the per-image digits)
         self.sums = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
 
+    @property
+    def lr(self) -> float:
+        return float(self.inner_optimizer.param_groups[0]["lr"])  # a device tensor under train.cuda_graph
+
     def __call__(self, indices: torch.Tensor, global_size: int, share: tuple[int, int]) -> bool:
         noise = torch.randn(global_size, self.z_dim, device=self.accelerator.device)[share[0]: share[1]]
         self.inner_optimizer.zero_grad(set_to_none=True)
@@ -160,6 +164,13 @@ class NonFiniteSteps:
                                 f"train.lr (or check the data) and re-run to resume from it")
         self.console.warn(f"training loss not finite at epoch {epoch}, step {step}: update skipped "
                           f"({self.skipped} of at most {self.limit}, train.skip_nonfinite)")
+
+
+def stop_if_not_finite(value: float, epoch: int, step: int) -> None:
+    """The training loss of a periodic check (or of the epoch): a non-finite one stops the run."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise TrainingError(f"training loss became {value} at epoch {epoch}, step {step}; the last good checkpoint "
+                            f"is kept. Lower train.lr (or check the data) and re-run to resume from it")
 
 
 def make_train_step(cuda_graph: bool, *args, full_batch: int, **kwargs) -> TrainStep:

@@ -364,10 +364,10 @@ class Tracker:
         self._step_written_at = time.monotonic()
 
     def define_epoch_metrics(self) -> None:
-        """Epoch-level charts (val/*, the epoch's train loss, figures) use `epoch` as their x-axis."""
+        """Epoch-level charts (val/*, the epoch's train loss, perf/*, figures) use `epoch` as their x-axis."""
         def define():
             self.run.define_metric("epoch")
-            for pattern in ("val/*", "train/epoch_loss", "figures/*", "latent/*"):
+            for pattern in ("val/*", "train/epoch_loss", "perf/*", "figures/*", "latent/*"):
                 self.run.define_metric(pattern, step_metric="epoch")
         self._guard("defining metrics", define)
 

@@ -20,19 +20,27 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import checkpoint, figures, tracking
+from . import checkpoint, figures, perf, tracking
 from .config import Config, config_to_dict, dump_yaml
 from .console import RunConsole
 from .data import TrainingData, load_training_data
-from .errors import TrainingError
 from .evaluation import evaluate_test_set
 from .launch import check_training_launch, cpu_threads, environment_info, make_accelerator
 from .model import VAE
 from .preemption import WARNINGS, StoppedToResume, StopRequest, leave_after_checkpoint, record_start
+from .progress import ProgressReport
 from .resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr, resume_full_state
 from .run_dir import disk_full_error, full_state_bytes, prepare_run_dir, room_or_fail, space_needed
 from .run_state import EpochSoFar, RunState
-from .step import NonFiniteSteps, TrainStep, applied_updates, make_optimizer, make_train_step, restore_step_settings
+from .step import (
+    NonFiniteSteps,
+    TrainStep,
+    applied_updates,
+    make_optimizer,
+    make_train_step,
+    restore_step_settings,
+    stop_if_not_finite,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # The whole run
@@ -223,6 +231,8 @@ class EpochResult:
     seen: int  # how many images that is
     trained_now: int = 0  # images trained by this start (fewer than seen when it resumed mid-epoch)
     per_rank: list[int] = dataclasses.field(default_factory=list)  # the same, per process
+    data_wait_s: list[float] = dataclasses.field(default_factory=list)  # per process (vae.perf)
+    peak_memory_mb: list[float] = dataclasses.field(default_factory=list)  # per process
     skipped: int = 0  # steps whose update was not applied (non-finite loss, fp16 overflow)
 
     @property
@@ -244,7 +254,8 @@ def train_one_epoch(loop: Loop, state: RunState, bar) -> EpochResult:
     step, batches_done, stopped = state.step, state.batches_done, False
     bar.advance(batches_done)
     skipped_before, attempted, updates_before = loop.nonfinite.skipped, 0, applied_updates(step_fn.optimizer)
-    for indices, global_size, share in loop.data.batches.epoch(epoch, start=batches_done):
+    waits = perf.DataWait()
+    for indices, global_size, share in waits.over(loop.data.batches.epoch(epoch, start=batches_done)):
         if step_fn(indices, global_size, share):
             seen += len(indices)
             attempted += 1
@@ -265,48 +276,17 @@ def train_one_epoch(loop: Loop, state: RunState, bar) -> EpochResult:
     result = EpochResult(stopped, step, batches_done, totals[0], int(totals[1]), int(totals[2]))
     if stopped:
         return result
-    # per process, the images it trained in this epoch since this start
-    result.per_rank = accelerator.gather(torch.tensor([seen - so_far.seen], device=accelerator.device)).tolist()
-    _stop_if_not_finite(result.mean_loss, epoch, step)
+    # per process: the images it trained in this epoch since this start, its waits for data, its peak memory
+    mine = [seen - so_far.seen, waits.seconds, perf.peak_memory_mb(accelerator.device)]
+    ranks = accelerator.gather(torch.tensor([mine], dtype=torch.float64, device=accelerator.device)).tolist()
+    result.per_rank, result.data_wait_s, result.peak_memory_mb = ([int(r[0]) for r in ranks],
+                                                                  [r[1] for r in ranks], [r[2] for r in ranks])
+    stop_if_not_finite(result.mean_loss, epoch, step)
     # fp16's loss scaler skips the update of a step whose gradients overflowed (fused Adam then leaves its step
     # count alone): those count as skipped too.
     scaler_skipped = attempted - (applied_updates(step_fn.optimizer) - updates_before)
     result.skipped = scaler_skipped + loop.nonfinite.skipped - skipped_before
     return result
-
-
-class ProgressReport:
-    """train/* every log.every_steps steps: per image over all processes' images since the last report."""
-
-    def __init__(self, loop: Loop, sums: torch.Tensor, seen: int):
-        self.loop, self.sums = loop, sums
-        self.reported, self.reported_seen, self.reported_at = sums.clone(), seen, time.perf_counter()
-
-    def report(self, epoch: int, step: int, seen: int, bar) -> None:
-        # One all-reduce: every rank reaches the same verdict (none waits alone).
-        window = torch.cat((self.sums - self.reported, self.sums.new_tensor([seen - self.reported_seen])))
-        recon_sum, kl_sum, images = self.loop.accelerator.reduce(window, reduction="sum").tolist()
-        if not images:  # every step since the last report was skipped (train.skip_nonfinite)
-            return
-        now = time.perf_counter()
-        current = (recon_sum + kl_sum) / images
-        _stop_if_not_finite(current, epoch, step)
-        bar.show_loss(current)
-        if self.loop.tracker is not None:
-            self.loop.tracker.log({"train/loss": current, "train/recon": recon_sum / images,
-                                   "train/kl": kl_sum / images, "train/lr": current_lr(self.loop.train_step),
-                                   "train/samples_per_s": images / max(now - self.reported_at, 1e-9)}, step=step)
-        self.reported, self.reported_seen, self.reported_at = self.sums.clone(), seen, now
-
-
-def current_lr(train_step: TrainStep) -> float:
-    return float(train_step.inner_optimizer.param_groups[0]["lr"])  # a device tensor under train.cuda_graph
-
-
-def _stop_if_not_finite(value: float, epoch: int, step: int) -> None:
-    if value != value or value in (float("inf"), float("-inf")):
-        raise TrainingError(f"training loss became {value} at epoch {epoch}, step {step}; the last good checkpoint "
-                            f"is kept. Lower train.lr (or check the data) and re-run to resume from it")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,8 +303,11 @@ def _epoch_row(epoch: int, trained: EpochResult, evaluation: dict, loop: Loop, t
         "val/recon": evaluation["val/recon"], "val/kl": evaluation["val/kl"],
         "samples_per_s": trained.trained_now / train_time,
         "epoch_time_s": epoch_time,
-        "lr": current_lr(loop.train_step),
+        "lr": loop.train_step.lr,
         "samples_per_rank": trained.per_rank,
+        "samples_per_s_per_rank": [n / train_time for n in trained.per_rank],
+        "data_wait_share": max(trained.data_wait_s) / train_time,  # the process that waited most
+        "peak_memory_mb_per_rank": trained.peak_memory_mb,
         "skipped_steps": trained.skipped,
         "val/n_images": evaluation["n_images"],
     }
@@ -343,7 +326,9 @@ def _report_epoch(loop: Loop, row: dict, evaluation: dict, improved: bool) -> di
     if improved:
         checkpoint.save_model_file(cfg.run_dir / "best.pt", loop.raw_model, loop.config_dict, epoch, metrics)
     tracker.log({"epoch": epoch, "train/epoch_loss": row["train/loss"], "val/loss": row["val/loss"],
-                 "val/recon": row["val/recon"], "val/kl": row["val/kl"]}, step=row["step"])
+                 "val/recon": row["val/recon"], "val/kl": row["val/kl"], "perf/samples_per_s": row["samples_per_s"],
+                 "perf/data_wait_share": row["data_wait_share"],
+                 "perf/peak_memory_mb": max(row["peak_memory_mb_per_rank"])}, step=row["step"])
     for_wandb = tracker.figures_due(cfg.log.images_every_epochs, epoch, cfg.train.epochs)
     drawn = None
     if for_wandb or (cfg.log.figures and epoch == cfg.train.epochs):
