@@ -307,3 +307,20 @@ def test_a_cpu_run_under_accelerate_launch_uses_the_cores_unless_threads_were_ch
     assert threads("default", env={"OMP_NUM_THREADS": None}) == cores
     assert threads("user-env", env={"OMP_NUM_THREADS": "1"}) == 1
     assert threads("user-key", "train.num_threads=1", env={"OMP_NUM_THREADS": None}) == 1
+
+
+DETERMINISM = """
+import json, sys
+from vae.config import load_config
+from vae.launch import environment_info, make_accelerator
+print(json.dumps(environment_info(make_accelerator(load_config("configs/debug.yaml", sys.argv[1:])))["deterministic"]))
+"""
+
+
+def test_deterministic_mode_sets_what_torch_needs_and_environment_json_records_it():
+    on = json.loads(python("-c", DETERMINISM, "train.deterministic=true", "train.cpu=true",
+                           env={"CUBLAS_WORKSPACE_CONFIG": None}).stdout)
+    assert on == {"algorithms": True, "cublas_workspace_config": ":4096:8", "cudnn_deterministic": True,
+                  "cudnn_benchmark": False}
+    off = json.loads(python("-c", DETERMINISM, "train.cpu=true", env={"CUBLAS_WORKSPACE_CONFIG": None}).stdout)
+    assert off["algorithms"] is False and off["cublas_workspace_config"] is None

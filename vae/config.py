@@ -93,6 +93,9 @@ class TrainConfig:
     every step, which costs a device sync (and an all-reduce with several processes) per step."""
     num_threads: int | None = None
     """CPU threads per process for torch. None: torch's default (or OMP_NUM_THREADS)."""
+    deterministic: bool = False
+    """Reproducible GPU runs: torch's deterministic algorithms (an error names any op without one), cuBLAS's fixed
+    workspace (CUBLAS_WORKSPACE_CONFIG), cuDNN without autotuning. CPU runs are reproducible without it."""
     early_stop_patience: int | None = None
     """Stop after this many epochs in a row without a better val/loss (the run then ends as a finished one, at
     the epoch it reached). None: train all epochs."""

@@ -40,7 +40,24 @@ def fp16_initial_scale(global_batch: int) -> float:
     return float(2 ** max(0, math.floor(math.log2(FP16_MAX / (16 * global_batch)))))
 
 
+def make_deterministic() -> None:
+    """What torch needs for a reproducible GPU run; before any CUDA work (cuBLAS reads its variable once)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+def determinism() -> dict:
+    """The settings environment.json records."""
+    return {"algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark}
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
+    if cfg.train.deterministic:
+        make_deterministic()
     handlers = [GradScalerKwargs(init_scale=fp16_initial_scale(cfg.train.batch_size))]  # used only under fp16
     if cfg.train.cuda_graph:
         handlers.append(AutocastKwargs(cache_enabled=False))  # a CUDA graph cannot hold autocast's weight cache
@@ -195,6 +212,7 @@ def environment_info(accelerator: Accelerator) -> dict:
         "num_processes": accelerator.num_processes,
         "mixed_precision": accelerator.mixed_precision,
         "torch_threads": torch.get_num_threads(),
+        "deterministic": determinism(),
     }
 
 
