@@ -44,6 +44,22 @@ def loss_curve(history: list[dict]) -> Figure:
     return fig
 
 
+def val_loss_curves(curves: dict[str, list[tuple[int, float]]]) -> Figure:
+    """Several runs' test loss per epoch on one axes (python -m vae.report)."""
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for label, points in curves.items():
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("test -ELBO (nats per image)")
+    ax.set_title("val/loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
 def reconstructions(originals: torch.Tensor, reconstructed: torch.Tensor) -> Figure:
     """Top row originals, bottom row their reconstructions (as in the tutorial)."""
     n = len(originals)

@@ -1,0 +1,52 @@
+"""python -m vae.report on a folder of real runs: finished, stopped by a signal, failed, and one still locked by a
+training (running)."""
+
+import signal
+import time
+
+import pytest
+
+from vae.run_dir import RunDirLock
+
+from .conftest import assert_ok, epochs_in, python, start, train_cmd, wait_until
+
+pytestmark = pytest.mark.slow
+
+SMALL = ("data.train_subset=500", "train.epochs=2", "log.figures=false")
+
+
+def test_report_tables_and_plots_every_run_with_its_status(tmp_path, mnist_root):
+    runs = tmp_path / "sweep"
+    for z in (2, 3):
+        assert_ok(python(*train_cmd(runs / f"z{z}", mnist_root, *SMALL, f"model.z_dim={z}")))
+    failed = python(*train_cmd(runs / "diverged", mnist_root, *SMALL, "train.lr=1e12", "log.every_steps=2"))
+    assert failed.returncode == 1
+    stopping = start(train_cmd(runs / "stopped", mnist_root, "data.train_subset=8000", "train.epochs=3",
+                               "log.figures=false"))
+    wait_until(lambda: epochs_in(runs / "stopped") == [1], what="epoch 1")
+    stopping.send_signal(signal.SIGTERM)
+    assert stopping.wait(timeout=120) == 143
+    lock = RunDirLock(runs / "z3").acquire()  # as a training in progress holds it
+    try:
+        started = time.monotonic()
+        result = python("-m", "vae.report", str(runs))
+    finally:
+        lock.release()
+    assert_ok(result)
+    assert time.monotonic() - started < 60
+    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 3}
+    assert set(lines) == {"diverged", "stopped", "z2", "z3"}, result.stdout
+    header = next(line for line in result.stdout.splitlines() if "┃ run" in line)
+    assert "model.z_dim" in header and "train.lr" in header and "status" in header
+    for name, status in (("z2", "finished"), ("z3", "running"), ("stopped", "stopped"), ("diverged", "failed")):
+        assert lines[name].rstrip(" │").endswith(status), lines[name]
+    assert " 2/2 " in lines["z2"] and " 1/3 " in lines["stopped"]
+    png = runs / "report.png"
+    assert f"wrote {png}" in result.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_of_a_folder_without_runs_is_one_line(tmp_path):
+    result = python("-m", "vae.report", str(tmp_path))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"error: no run directory under {tmp_path} (a run directory holds config.yaml): give "
+                             f"runs/ or a sweep's folder\n")
