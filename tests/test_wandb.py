@@ -272,6 +272,40 @@ def test_a_resumed_run_keeps_its_project_when_log_project_changes(offline_run, t
     assert json.loads((run_dir / RUN_FILE).read_text())["project"] == "vae-mnist"
 
 
+@pytest.mark.slow
+def test_a_sweep_agent_trains_the_sweep_configs_command_into_a_run_directory_of_its_own(tmp_path, mnist_root,
+                                                                                       monkeypatch):
+    """configs/sweeps/z_dim.yaml's command as `wandb agent` builds and starts it, by the agent's own code, for a run
+    the sweep server would hand out (the server cannot run here: sweeps are online only). The run trains with the
+    sweep's values, into runs/<config>-sweep-<sweep id>/<run id>, logging to the run id the agent was given."""
+    import yaml
+    from wandb.wandb_agent import Agent
+
+    sweep = yaml.safe_load((REPO / "configs/sweeps/z_dim.yaml").read_text())
+    work = tmp_path / "work"  # the agent's working directory: a checkout, with data/ (runs/ are written here)
+    work.mkdir()
+    for name in ("train.py", "vae", "configs"):
+        (work / name).symlink_to(REPO / name)
+    (work / "data").symlink_to(mnist_root)
+    monkeypatch.chdir(work)
+    for name, value in (("PATH", f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"), ("WANDB_SWEEP_ID", "swp1"),
+                        ("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path / "agent")), ("WANDB_RUN_ID", "-")):
+        monkeypatch.setenv(name, value)  # the agent sets WANDB_RUN_ID itself; monkeypatch restores it after
+    agent = Agent.__new__(Agent)
+    agent._sweep_command, agent._function, agent._in_jupyter = sweep["command"], None, False
+    agent._forward_signals, agent._run_processes = False, {}
+    values = {"model.z_dim": 5, "train.epochs": 1, "data.train_subset": 500, "log.figures": False}
+    agent._command_run({"run_id": "run00042", "program": sweep["program"],
+                        "args": {key: {"value": value} for key, value in values.items()}})
+    assert agent._run_processes["run00042"]._popen.wait(timeout=300) == 0
+    run_dir = work / "runs" / "z2-sweep-swp1" / "run00042"
+    assert [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1]
+    (segment,) = offline_run_dirs(run_dir)
+    run = read_offline_run(segment)
+    assert run.run_id == "run00042" and run.config["model"]["z_dim"] == 5 and run.exit_code == 0
+    assert json.loads((run_dir / RUN_FILE).read_text())["id"] == "run00042"  # a resume continues that run
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Several processes, W&B off, W&B broken
 

@@ -8,6 +8,7 @@ what differs from the defaults below. Every problem (unknown key, wrong type, im
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,7 +188,12 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.dir) if self.run.dir else Path("runs") / (self.run.name or "default")
+        """run.dir, else runs/<run name>; under `wandb agent` (a W&B sweep), each of the sweep's runs gets its own:
+        runs/<run name>-sweep-<sweep id>/<W&B run id>."""
+        if self.run.dir:
+            return Path(self.run.dir)
+        name, sweep, run = self.run.name or "default", os.environ.get("WANDB_SWEEP_ID"), os.environ.get("WANDB_RUN_ID")
+        return Path("runs") / f"{name}-sweep-{sweep}" / run if sweep and run else Path("runs") / name
 
 
 # ---------------------------------------------------------------------------------------------------------

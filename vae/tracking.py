@@ -64,6 +64,11 @@ def new_run_id() -> str:
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(8))
 
 
+def sweep_run_id() -> str | None:
+    """Under `wandb agent` (a W&B sweep): the run id the agent was given for this run, which the sweep waits for."""
+    return os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Which mode: online, offline, disabled (decided without network, never prompting)
 
@@ -219,7 +224,7 @@ class Tracker:
         if resumed and record is None:
             self.console.info(f"no W&B run recorded in {run_dir} ({RUN_FILE}): starting a new W&B run")
         self.run_dir = run_dir
-        self.run_id = record["id"] if record else new_run_id()
+        self.run_id = record["id"] if record else sweep_run_id() or new_run_id()
         self.logged_before = self.last_step = int(record.get("last_step", -1)) if record else -1
         project, entity = self._where_it_was(record, log) if record else (log.project, log.entity)
         _write_run_file(run_dir, {"id": self.run_id, "project": project, "entity": entity,
