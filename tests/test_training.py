@@ -324,3 +324,19 @@ def test_deterministic_mode_sets_what_torch_needs_and_environment_json_records_i
                   "cudnn_benchmark": False}
     off = json.loads(python("-c", DETERMINISM, "train.cpu=true", env={"CUBLAS_WORKSPACE_CONFIG": None}).stdout)
     assert off["algorithms"] is False and off["cublas_workspace_config"] is None
+
+
+def test_profile_steps_writes_a_trace_and_the_top_operators_and_changes_no_number(tmp_path, mnist_root):
+    settings = ("data.train_subset=600", "log.figures=false")
+    plain, profiled = tmp_path / "plain", tmp_path / "profiled"
+    assert_ok(python(*train_cmd(plain, mnist_root, *settings)))
+    result = python(*train_cmd(profiled, mnist_root, *settings, "train.profile_steps=5"))
+    assert_ok(result)
+    trace = json.loads((profiled / "profile" / "trace.json").read_text())
+    steps = {event["name"] for event in trace["traceEvents"] if event.get("name", "").startswith("ProfilerStep#")}
+    assert steps == {f"ProfilerStep#{n}" for n in range(5, 10)}  # after 5 steps of warm-up
+    assert "aten::mm" in (profiled / "profile" / "top_ops.txt").read_text()
+    assert f"profile of 5 steps after 5 of warm-up: {profiled / 'profile' / 'trace.json'}" in result.stdout
+    for a, b in zip(read_jsonl(plain / "metrics.jsonl"), read_jsonl(profiled / "metrics.jsonl"), strict=True):
+        assert (a["train/loss"], a["val/loss"]) == (b["train/loss"], b["val/loss"])
+    assert not (plain / "profile").exists()

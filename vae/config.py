@@ -94,6 +94,9 @@ class TrainConfig:
     every step, which costs a device sync (and an all-reduce with several processes) per step."""
     num_threads: int | None = None
     """CPU threads per process for torch. None: torch's default (or OMP_NUM_THREADS)."""
+    profile_steps: int = 0
+    """Profile this many training steps (after 5 of warm-up) with torch.profiler on the main process: a Chrome
+    trace and the top operators in <run dir>/profile/. 0: off."""
     deterministic: bool = False
     """Reproducible GPU runs: torch's deterministic algorithms (an error names any op without one), cuBLAS's fixed
     workspace (CUBLAS_WORKSPACE_CONFIG), cuDNN without autotuning. CPU runs are reproducible without it."""
@@ -113,6 +116,7 @@ class TrainConfig:
         _require(self.skip_nonfinite >= 0, "train.skip_nonfinite", ">= 0", self.skip_nonfinite)
         if self.num_threads is not None:
             _require(self.num_threads >= 1, "train.num_threads", ">= 1 or null", self.num_threads)
+        _require(self.profile_steps >= 0, "train.profile_steps", ">= 0", self.profile_steps)
         if self.early_stop_patience is not None:
             _require(self.early_stop_patience >= 1, "train.early_stop_patience", ">= 1 or null",
                      self.early_stop_patience)

@@ -28,6 +28,7 @@ from .evaluation import evaluate_test_set
 from .launch import check_training_launch, cpu_threads, environment_info, make_accelerator
 from .model import VAE
 from .preemption import WARNINGS, StoppedToResume, StopRequest, leave_after_checkpoint, record_start
+from .profiling import StepProfiler
 from .progress import ProgressReport
 from .resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr, resume_full_state
 from .run_dir import disk_full_error, full_state_bytes, prepare_run_dir, room_or_fail, space_needed
@@ -78,6 +79,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     if accelerator.is_main_process:
         record_start(cfg.run_dir)
     loop = _build_loop(cfg, accelerator, console, load_training_data(cfg, accelerator, console.info), stop)
+    cleanup.callback(loop.profiler.stop)
     state = _resume(loop) if resume else RunState()
     first_step = state.step
     _write_run_files(loop, state)
@@ -120,6 +122,7 @@ class Loop:
     scheduler: object | None  # a cosine schedule, or None for a constant rate
     nonfinite: NonFiniteSteps
     stop: StopRequest
+    profiler: StepProfiler
     tracker: tracking.Tracker | None = None
 
     @property
@@ -159,8 +162,10 @@ def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data
     if accelerator.is_main_process:
         room_or_fail(cfg.run_dir, space_needed(raw_model, cfg))
     accelerator.wait_for_everyone()
+    profiler = StepProfiler(cfg.train.profile_steps, cfg.run_dir, accelerator.device, console,
+                            enabled=accelerator.is_main_process)
     return Loop(cfg, accelerator, console, data, raw_model, train_step, scheduler,
-                NonFiniteSteps(cfg.train.skip_nonfinite, console), stop)
+                NonFiniteSteps(cfg.train.skip_nonfinite, console), stop, profiler)
 
 
 def _resume(loop: Loop) -> RunState:
@@ -264,6 +269,7 @@ def train_one_epoch(loop: Loop, state: RunState, bar) -> EpochResult:
         if loop.scheduler is not None:
             loop.scheduler.step()  # the schedule follows batches, applied or skipped
         step, batches_done = step + 1, batches_done + 1
+        loop.profiler.step()
         bar.advance()
         if step % loop.cfg.log.every_steps == 0:
             progress.report(epoch, step, seen, bar)
