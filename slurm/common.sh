@@ -78,25 +78,6 @@ wait_for() {
 # The run directory's newest requested stop, in words (what the harness recorded in starts.jsonl): why this start
 # of the job exists.
 previous_stop() {
-  python - "$1" <<'PY'
-import json, sys
-from pathlib import Path
-try:
-    lines = (Path(sys.argv[1]) / "starts.jsonl").read_text().splitlines()
-except OSError:
-    print("none: the run's first start")
-    sys.exit(0)
-for line in reversed(lines):
-    try:
-        record = json.loads(line)
-    except ValueError:
-        continue  # a line cut by a kill
-    if record.get("event") == "start":
-        print("none recorded after the previous start (a crash, kill -9, a node failure or the time limit)")
-        break
-    if record.get("event") == "stop":
-        print(f"{record['signal']} at {record['where']} ({record['time']})"
-              + (", requeued" if record.get("requeued") else ", not requeued"))
-        break
-PY
+  python -c 'import sys; from vae.preemption import previous_stop; print(previous_stop(sys.argv[1]))' "$1" 2>/dev/null \
+    || echo "? (an older harness)"
 }

@@ -200,6 +200,17 @@ class Config:
         return Path("runs") / f"{name}-sweep-{sweep}" / run if sweep and run else Path("runs") / name
 
 
+def flat_keys(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"section.key": value}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Building a Config from plain data (YAML, overrides, a checkpoint's stored dict), with type checks.
 

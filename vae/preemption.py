@@ -22,8 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from .errors import TrainingError
 
 HANDLED = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
@@ -72,6 +70,8 @@ class StopRequest:
             return requested
         if step % POLL_STEPS and not every_step:
             return False
+        import torch  # here, not above: the Slurm scripts read this module's records without loading torch
+
         flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
         return accelerator.reduce(flag, reduction="sum").item() > 0
 
@@ -147,23 +147,42 @@ def _append(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def stops_without_progress(run_dir: Path) -> int:
-    """How many requested stops in a row, the newest last, trained no step."""
+def read_starts(run_dir: Path) -> list[dict]:
+    """The run directory's starts and stops, oldest first ([] without any; a line cut by a kill is left out)."""
     try:
         lines = (Path(run_dir) / STARTS_FILE).read_text().splitlines()
     except OSError:
-        return 0
-    count = 0
-    for line in reversed(lines):
+        return []
+    records = []
+    for line in lines:
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except ValueError:
-            continue  # a line cut by a kill
+            continue
+    return [record for record in records if isinstance(record, dict)]
+
+
+def stops_without_progress(run_dir: Path) -> int:
+    """How many requested stops in a row, the newest last, trained no step."""
+    count = 0
+    for record in reversed(read_starts(run_dir)):
         if record.get("event") == "stop":
             if record.get("trained_steps", 1) > 0:
                 break
             count += 1
     return count
+
+
+def previous_stop(run_dir: Path) -> str:
+    """The run's newest requested stop, in words (the Slurm scripts' header: why this start exists)."""
+    records = read_starts(run_dir)
+    if not records:
+        return "none: the run's first start"
+    last = records[-1]
+    if last.get("event") != "stop":
+        return "none recorded after the previous start (a crash, kill -9, a node failure or the time limit)"
+    return (f"{last.get('signal')} at {last.get('where')} ({last.get('time')}), "
+            f"{'requeued' if last.get('requeued') else 'not requeued'}")
 
 
 class StoppedToResume(TrainingError):

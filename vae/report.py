@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import sys
 from pathlib import Path
 
 import yaml
 
+from .config import flat_keys
 from .errors import HarnessError, run_entry_point
-from .preemption import STARTS_FILE
+from .preemption import read_starts
 from .run_dir import read_metrics
 
 ALIKE_IN_A_SWEEP = ("run.dir", "run.name")  # differ between any two runs: not worth a column
@@ -30,16 +30,6 @@ def find_runs(folder: Path) -> list[Path]:
     """Every run directory (one holding config.yaml) under folder, folder itself included, in path order."""
     return sorted(config.parent for config in folder.rglob("config.yaml")
                   if not {"checkpoints", "wandb", "eval"} & set(config.relative_to(folder).parts[:-1]))
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _running(run_dir: Path) -> bool:
@@ -56,29 +46,17 @@ def _running(run_dir: Path) -> bool:
         os.close(fd)
 
 
-def _last_event(run_dir: Path) -> str | None:
-    try:
-        lines = (run_dir / STARTS_FILE).read_text().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        try:
-            return json.loads(line).get("event")
-        except ValueError:
-            continue  # a line cut by a kill
-    return None
-
-
 def status(run_dir: Path) -> str:
     if _running(run_dir):
         return "running"
     if (run_dir / "summary.json").is_file():
         return "finished"
-    return "stopped" if _last_event(run_dir) == "stop" else "failed"
+    records = read_starts(run_dir)
+    return "stopped" if records and records[-1].get("event") == "stop" else "failed"
 
 
 def read_run(run_dir: Path, folder: Path) -> dict:
-    config = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    config = flat_keys(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
     rows = read_metrics(run_dir / "metrics.jsonl", up_to_epoch=sys.maxsize)
     return {
         "name": str(run_dir.relative_to(folder)) if run_dir != folder else run_dir.name,

@@ -12,7 +12,7 @@ from accelerate.utils import gather_object, synchronize_rng_states
 from accelerate.utils.constants import SCALER_NAME
 
 from . import checkpoint
-from .config import Config, config_from_dict, config_to_dict
+from .config import Config, config_from_dict, config_to_dict, flat_keys
 from .console import RunConsole
 from .errors import HarnessError, TrainingError, first_line
 from .run_dir import read_metrics
@@ -170,20 +170,10 @@ def _changed_settings(run_dir: Path, cfg: Config) -> str:
     saved = saved_config(run_dir)
     if saved is None:
         return f"{run_dir} has no readable config.yaml to say which setting changed"
-    before, now = _flat(config_to_dict(saved)), _flat(config_to_dict(cfg))
+    before, now = flat_keys(config_to_dict(saved)), flat_keys(config_to_dict(cfg))
     changed = [f"{key}={before.get(key)} -> {now.get(key)}" for key in sorted(before.keys() | now.keys())
                if before.get(key) != now.get(key) and not key.startswith(("run.", "log.", "data.root"))]
     return "changed since it was saved: " + ", ".join(changed) if changed else "no setting changed since it was saved"
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _same_noise_on_every_rank(accelerator: Accelerator) -> None:
