@@ -229,6 +229,21 @@ def test_a_second_sigterm_leaves_at_once_while_blocked_in_a_collective(tmp_path,
     assert complete_states(tmp_path / "r")  # epoch 1's checkpoint is still there
 
 
+def test_per_rank_logs_hold_what_each_process_said(tmp_path, mnist_root):
+    """log.per_rank_logs: a SIGTERM stops both processes mid-epoch 2. The shared output has rank 0's progress and
+    its stop line once; logs/rank-0.log the same; logs/rank-1.log rank 1's own stop line, which the shared output
+    leaves out (one line per node there)."""
+    run_dir = tmp_path / "r"
+    process, _ = _two_ranks_in_epoch_2(run_dir, mnist_root, "log.per_rank_logs=true")
+    process.send_signal(signal.SIGTERM)  # the launcher passes it to both processes
+    stdout, stderr = process.communicate(timeout=180)
+    rank0, rank1 = ((run_dir / "logs" / f"rank-{r}.log").read_text() for r in (0, 1))
+    assert "epoch   1  train/loss" in stdout and "epoch   1  train/loss" in rank0
+    assert "error: stopped by SIGTERM at epoch 2" in stderr and "error: stopped by SIGTERM at epoch 2" in rank0
+    assert "error: (process rank 1) stopped by SIGTERM at epoch 2" in rank1
+    assert "(process rank 1)" not in stderr and "epoch   1" not in rank1
+
+
 def test_diverging_loss_stops_keeps_the_last_good_checkpoint_and_a_lower_lr_resumes(tmp_path, mnist_root):
     run_dir = tmp_path / "nan"
     assert_ok(python(*train_cmd(run_dir, mnist_root, "log.wandb=false")))  # epoch 1, healthy

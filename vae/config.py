@@ -165,6 +165,8 @@ class LogConfig:
     latent figure always shows all of them."""
     checkpoint_artifacts: bool = False
     """Upload the model file of every epoch to W&B as an artifact of type "model" (aliases latest, best)."""
+    per_rank_logs: bool = False
+    """Each process's output (C/C++ output too) also in <run dir>/logs/rank-<r>.log."""
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, "log.every_steps", ">= 1", self.every_steps)

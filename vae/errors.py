@@ -76,6 +76,10 @@ def run_entry_point(body: Callable[[], object], interrupted: str) -> int:
             print(f"error: {error}", file=sys.stderr)
         elif _speaks_for_its_node():
             print(f"error: (process rank {os.environ.get('RANK')}) {error}", file=sys.stderr)
+        else:
+            from .rank_logs import log_only
+
+            log_only(f"error: (process rank {os.environ.get('RANK')}) {error}")
         return error.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the run's own handler is installed
         if is_rank_zero():

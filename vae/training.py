@@ -30,6 +30,7 @@ from .model import VAE
 from .preemption import WARNINGS, StoppedToResume, StopRequest, leave_after_checkpoint, record_start
 from .profiling import StepProfiler
 from .progress import ProgressReport
+from .rank_logs import start_rank_log
 from .resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr, resume_full_state
 from .run_dir import disk_full_error, full_state_bytes, prepare_run_dir, room_or_fail, space_needed
 from .run_state import EpochSoFar, RunState
@@ -70,6 +71,8 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     resume, lock = prepare_run_dir(cfg, accelerator, console)
     if lock is not None:
         cleanup.callback(lock.release)
+    if cfg.log.per_rank_logs:
+        start_rank_log(cfg.run_dir, accelerator.process_index)
     if resume:
         check_resumable(cfg.run_dir, cfg)
     # From here on, start-up included, SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C stop the run at a checkpoint; Slurm's warning
