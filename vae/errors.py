@@ -14,9 +14,12 @@ from collections.abc import Callable
 _LOST_PEER_TYPES = {"DistNetworkError", "DistStoreError", "DistBackendError"}
 _LOST_PEER_TEXT = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted")
 # ...and when another process stopped answering (hung, stopped, a dead node): the collective timed out after the
-# process group's timeout (train.dist_timeout_s). gloo: "Timed out waiting ...ms for recv"; NCCL's watchdog:
-# "Watchdog caught collective operation timeout".
-_TIMEOUT_TEXT = ("Timed out waiting", "Watchdog caught collective operation timeout")
+# process group's timeout (train.dist_timeout_s). gloo: "Timed out waiting ...ms for recv", its barrier and store
+# their own wording; NCCL's watchdog: "Watchdog caught collective operation timeout". Only torch's distributed
+# errors (and the RuntimeError gloo raises) are read this way: another error that says "timeout" keeps its
+# traceback.
+_TIMEOUT_TYPES = {"RuntimeError", "DistError", "DistBackendError", "DistStoreError", "DistNetworkError"}
+_TIMEOUT_TEXT = ("timed out", "timeout")
 
 
 class HarnessError(Exception):
@@ -57,7 +60,7 @@ def lost_peer(error: BaseException) -> str | None:
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or not isinstance(error, Exception):
         return None
     text, rank = str(error).strip(), os.environ.get("RANK", "?")
-    if any(marker in text for marker in _TIMEOUT_TEXT):
+    if type(error).__name__ in _TIMEOUT_TYPES and any(marker in text.lower() for marker in _TIMEOUT_TEXT):
         return (f"process rank {rank} stopped: another process of this launch did not answer within the process "
                 f"group's timeout (train.dist_timeout_s; here: {first_line(error)[:160]})")
     if type(error).__name__ not in _LOST_PEER_TYPES and not any(marker in text for marker in _LOST_PEER_TEXT):
