@@ -476,6 +476,54 @@ class _FakeAccelerator:
         self.logged.append(step)
 
 
+# A process whose wandb service is killed (as scancel kills it), then keeps logging until a call fails, then stops.
+SERVICE_KILLED = """
+import os, signal, sys, time
+from pathlib import Path
+from accelerate import Accelerator
+from vae.config import LogConfig
+from vae.console import RunConsole
+from vae.tracking import Tracker
+
+run_dir = Path(sys.argv[1])
+tracker = Tracker.start(Accelerator(cpu=True, log_with="wandb"), RunConsole(True), log=LogConfig(),
+                        run_name="service-killed", run_dir=run_dir, config={}, resumed=False)
+tracker.log({"train/loss": 1.0}, step=1)
+for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+    for child in (task / "children").read_text().split():
+        os.kill(int(child), signal.SIGKILL)  # wandb's service: the process's only child
+step = 2
+while tracker.active and step < 200:
+    tracker.log({"train/loss": 1.0}, step=step)
+    step, _ = step + 1, time.sleep(0.05)
+print("logging failed:", not tracker.active)
+if sys.argv[2] == "stop":
+    tracker.interrupted(preempted=True, exit_code=143)
+else:
+    tracker.end_training()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ["stop", "end"])
+def test_a_dead_wandb_service_leaves_no_traceback_and_a_stop_still_closes_the_run_as_preempted(ending, tmp_path):
+    """scancel kills wandb's service with the training; the next log call then often fails before the harness
+    sees its own SIGTERM. The stop must still close the W&B run as preempted, and neither a stop nor the end of
+    training may leave wandb's atexit hook to print a traceback about the dead service."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    result = python("-c", SERVICE_KILLED, str(run_dir), ending, timeout=120)
+    assert result.returncode == 0 and "logging failed: True" in result.stdout, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    if ending == "end":
+        return
+    segments = offline_run_dirs(run_dir)
+    assert len(segments) == 2, segments  # the killed one (its last seconds lost with the service), the closing one
+    closing = read_offline_run(segments[1])
+    assert closing.run_id == json.loads((run_dir / RUN_FILE).read_text())["id"]
+    assert closing.record_kinds.get("preempting") == 1 and closing.exit_code == 143
+
+
 def test_steps_an_earlier_start_logged_are_not_logged_again():
     accelerator = _FakeAccelerator()
     tracker = Tracker(accelerator, RunConsole(False))

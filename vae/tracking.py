@@ -188,6 +188,7 @@ class Tracker:
         self.accelerator = accelerator
         self.console = console
         self.run = None  # the wandb Run while W&B works, on the main process
+        self.dropped_run = None  # the wandb Run a failure made the harness stop logging to, still to be closed
         self.run_dir: Path | None = None
         self.run_id: str | None = None
         self.offline = False
@@ -330,6 +331,7 @@ class Tracker:
         if self.run is not None or what.startswith("W&B could not start"):
             self.console.warn(f"{what} ({first_line(error)}); going on without W&B (metrics.jsonl and the "
                               f"figures are written as usual)")
+        self.dropped_run = self.run or self.dropped_run
         self.run = None
         self._drop_accelerate_trackers()
 
@@ -459,17 +461,19 @@ class Tracker:
     def interrupted(self, preempted: bool, exit_code: int) -> None:
         """Training is leaving early (an exception): finish the W&B run with the process's exit code.
         preempted: stopped by a signal to be resumed (Slurm preemption, time limit), which W&B then shows as
-        preempted rather than failed."""
-        if self.run is None:
+        preempted rather than failed. A run W&B failed on earlier is closed too: when a job-wide SIGTERM (scancel)
+        kills wandb's service, the next log call often fails before the harness sees its own SIGTERM."""
+        run = self.run or self.dropped_run
+        if run is None:
             return
         self.save_step()
         try:
             if preempted:
-                self.run.mark_preempting()
-            self.run.finish(exit_code=exit_code)
+                run.mark_preempting()
+            run.finish(exit_code=exit_code)
         except Exception as error:
             self._close_without_the_service(preempted, exit_code, error)
-        self.run = None
+        self.run = self.dropped_run = None
         self._drop_accelerate_trackers()
         _stop_wandb_service()
 
@@ -510,3 +514,10 @@ class Tracker:
             self._fail("W&B failed while finishing the run", e)
             self.accelerator.end_training()  # the process group still needs destroying
         self.run = None
+        if self.dropped_run is not None:  # W&B failed earlier: close what it kept, and stop its service here
+            try:
+                self.dropped_run.finish()
+            except Exception:
+                pass
+            self.dropped_run = None
+            _stop_wandb_service()
