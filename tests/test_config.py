@@ -120,6 +120,8 @@ def test_parse_override_reads_yaml_values():
 
 @pytest.mark.parametrize("argv, expected", [
     (["--config", "configs/debug.yaml", "train.lr=-1"], "error: train.lr: must be > 0 (got -1.0)"),
+    (["--config", "configs/debug.yaml", "train.grad_accum_steps=0"],
+     "error: train.grad_accum_steps: must be >= 1 (got 0)"),
     (["--config", "configs/missing.yaml"], "error: config file 'configs/missing.yaml' not found"),
     (["--config", "configs/debug.yaml", "--bogus"], "error: unrecognized arguments: --bogus"),
     ([], "error: the following arguments are required: --config"),

@@ -192,3 +192,10 @@ def test_an_eager_run_resumes_under_the_cuda_graph_and_back(tmp_path, mnist_root
     for a, b in zip(straight, switched, strict=True):
         assert b["lr"] == pytest.approx(1e-3)
         assert b["val/loss"] == pytest.approx(a["val/loss"], abs=0.5)
+
+
+def test_the_cuda_graph_refuses_gradient_accumulation_in_one_line(tmp_path, mnist_root):
+    overrides = ("train.cuda_graph=true", "train.grad_accum_steps=2")
+    result = python(*train_cmd(tmp_path / "r", mnist_root, *QUIET, *overrides))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: train.cuda_graph: and train.grad_accum_steps are exclusive"), result.stderr

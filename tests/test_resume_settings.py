@@ -69,7 +69,8 @@ def test_an_unchanged_resume_is_left_exactly_as_saved():
     assert (optimizer.param_groups[0]["lr"], scheduler.state_dict()) == before
 
 
-@pytest.mark.parametrize("override", ["train.batch_size=100", "train.seed=1", "data.train_subset=1000"])
+@pytest.mark.parametrize("override", ["train.batch_size=100", "train.seed=1", "data.train_subset=1000",
+                                      "train.grad_accum_steps=2"])
 def test_mid_epoch_resume_refuses_a_different_batch_order(override):
     saved = load_config("configs/debug.yaml")
     state = RunState(epoch=3, batches_done=17, so_far=EpochSoFar(1.0, 850, batch_order_settings(saved)))
@@ -79,3 +80,12 @@ def test_mid_epoch_resume_refuses_a_different_batch_order(override):
         check_mid_epoch_resume(changed, state)
     check_mid_epoch_resume(saved, state)  # the same settings resume
     check_mid_epoch_resume(changed, RunState(epoch=3))  # at an epoch boundary anything goes
+
+
+def test_a_mid_epoch_state_saved_before_gradient_accumulation_existed_resumes_only_without_it():
+    saved = batch_order_settings(load_config("configs/debug.yaml"))
+    del saved["train.grad_accum_steps"]  # as states written before the setting existed
+    state = RunState(epoch=3, batches_done=17, so_far=EpochSoFar(1.0, 850, saved))
+    check_mid_epoch_resume(load_config("configs/debug.yaml"), state)
+    with pytest.raises(TrainingError, match="with train.grad_accum_steps=1; resume with train.grad_accum_steps=1"):
+        check_mid_epoch_resume(load_config("configs/debug.yaml", ["train.grad_accum_steps=2"]), state)

@@ -69,6 +69,10 @@ class TrainConfig:
     batch_size: int = 50
     """GLOBAL batch size: with N processes each takes batch_size / N, so a config means the same optimisation
     on one CPU or eight GPUs."""
+    grad_accum_steps: int = 1
+    """Gradient accumulation: each optimizer update takes the summed -ELBO of batch_size x grad_accum_steps
+    images, fed batch_size at a time (DDP all-reduces only on the last of them). The same model as one batch of
+    that size, in the memory of one of batch_size; steps, schedules and checkpoints count updates."""
     lr: float = 1e-3
     lr_schedule: Literal["constant", "cosine"] = "constant"
     """'cosine' anneals the learning rate to 0 over all steps of the run."""
@@ -110,6 +114,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
         _require(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", ">= 1", self.grad_accum_steps)
         _require(self.lr > 0, "train.lr", "> 0", self.lr)
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
@@ -122,6 +127,11 @@ class TrainConfig:
                      self.early_stop_patience)
         if self.dist_timeout_s is not None:
             _require(self.dist_timeout_s > 0, "train.dist_timeout_s", "> 0 or null", self.dist_timeout_s)
+
+    @property
+    def update_batch(self) -> int:
+        """Images per optimizer update, all processes together."""
+        return self.batch_size * self.grad_accum_steps
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -256,6 +256,6 @@ def load_training_data(cfg: Config, accelerator, say=print) -> TrainingData:
     # on any device and any number of processes.
     test_noise = torch.randn(len(test_images), cfg.model.z_dim,
                              generator=torch.Generator().manual_seed(cfg.train.seed)).to(accelerator.device)
-    batches = EpochBatches(train_images, cfg.train.batch_size, cfg.train.seed, accelerator.process_index,
+    batches = EpochBatches(train_images, cfg.train.update_batch, cfg.train.seed, accelerator.process_index,
                            accelerator.num_processes)
     return TrainingData(train_images, test_images, test_images.to(data_device), test_labels, test_noise, batches)

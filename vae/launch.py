@@ -16,7 +16,7 @@ from pathlib import Path
 import accelerate
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, GradScalerKwargs, InitProcessGroupKwargs
+from accelerate.utils import AutocastKwargs, GradientAccumulationPlugin, GradScalerKwargs, InitProcessGroupKwargs
 
 from . import tracking
 from .config import Config, ConfigError
@@ -70,6 +70,9 @@ def make_accelerator(cfg: Config) -> Accelerator:
         # The loop steps the schedule once per global batch, applied or skipped (Accelerate's default would step
         # it N times per batch with N processes, and not at all after a skipped fp16 update).
         step_scheduler_with_optimizer=False,
+        # From the config alone: a plugin keeps ACCELERATE_GRADIENT_ACCUMULATION_STEPS (a DeepSpeed launch setting)
+        # from changing what accelerate's backward divides by behind the step's back.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum_steps),
         kwargs_handlers=handlers,
         log_with=tracking.log_with(cfg.log.wandb),  # None when log.wandb=false: wandb is never imported
     )
@@ -180,6 +183,7 @@ def _check_cuda_graph(cfg: Config, accelerator: Accelerator) -> None:
         cfg.train.compile: "and train.compile are exclusive",
         cfg.data.on_device is False: "needs the images on the GPU (data.on_device=false keeps them on the host)",
         cfg.train.skip_nonfinite > 0: "and train.skip_nonfinite (a per-step host check) are exclusive",
+        cfg.train.grad_accum_steps > 1: "and train.grad_accum_steps are exclusive (the graph holds one batch)",
     }
     for bad, why in problems.items():
         if bad:

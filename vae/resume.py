@@ -52,8 +52,13 @@ BATCH_ORDER = "epoch-batches-1"
 
 def batch_order_settings(cfg: Config) -> dict:
     """The settings that decide which images an epoch's batches hold, saved with a mid-epoch checkpoint."""
-    return {"order": BATCH_ORDER, "train.batch_size": cfg.train.batch_size, "train.seed": cfg.train.seed,
+    return {"order": BATCH_ORDER, "train.batch_size": cfg.train.batch_size,
+            "train.grad_accum_steps": cfg.train.grad_accum_steps, "train.seed": cfg.train.seed,
             "data.train_subset": cfg.data.train_subset}
+
+
+# Settings added to batch_order_settings after states were saved without them: their value in those states.
+_BATCH_ORDER_DEFAULTS = {"train.grad_accum_steps": 1}
 
 
 def check_mid_epoch_resume(cfg: Config, state: RunState) -> None:
@@ -67,9 +72,10 @@ def check_mid_epoch_resume(cfg: Config, state: RunState) -> None:
                             f"this harness, whose batches were drawn differently; resume it with that version, or "
                             f"pass a new run.dir=...")
     for key, now in batch_order_settings(cfg).items():
-        if key in saved and saved[key] != now:
-            raise TrainingError(f"the run stopped in the middle of epoch {state.epoch} with {key}={saved[key]}; "
-                                f"resume with {key}={saved[key]} (change it once that epoch is done), or pass a "
+        was = saved.get(key, _BATCH_ORDER_DEFAULTS.get(key, now))
+        if was != now:
+            raise TrainingError(f"the run stopped in the middle of epoch {state.epoch} with {key}={was}; "
+                                f"resume with {key}={was} (change it once that epoch is done), or pass a "
                                 f"new run.dir=...")
 
 

@@ -45,10 +45,10 @@ class TrainStep:
     above 0: the only case that checks the loss every step, at the cost of one sync)."""
 
     def __init__(self, model, optimizer, accelerator: Accelerator, images: torch.Tensor, z_dim: int,
-                 guard_nonfinite: bool = False):
+                 guard_nonfinite: bool = False, accum_steps: int = 1):
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
         self.images, self.z_dim, self.guard_nonfinite = images, z_dim, guard_nonfinite
-        self.world = accelerator.num_processes
+        self.world, self.accum_steps = accelerator.num_processes, accum_steps
         # Accelerate's optimizer wrapper only adds host work here (no gradient accumulation): per call, step()
         # looks up an optional package (lomo_optim) with importlib twice and zero_grad() inspects a signature,
         # together more host time than the whole step's GPU work on an H200. Its inner optimizer is the object
@@ -69,17 +69,44 @@ class TrainStep:
         return self._forward_backward_update(indices, noise)
 
     def _forward_backward_update(self, indices: torch.Tensor, noise: torch.Tensor) -> bool:
+        if self.accum_steps > 1:
+            return self._accumulated_update(indices, noise)
+        sums = self._forward_backward(indices, noise)
+        if sums is None:
+            return False
+        self.optimizer_step()
+        self.sums += sums
+        return True
+
+    def _forward_backward(self, indices: torch.Tensor, noise: torch.Tensor) -> torch.Tensor | None:
+        """The gradient of these images' -ELBO, added to the parameters' .grad; their recon and KL sums, or None
+        when the loss was not finite on some rank (train.skip_nonfinite)."""
         x = to_unit_float(self.images[indices].to(self.accelerator.device))  # a no-op with data.on_device
         logits, mu, logvar = self.model(x, noise)
         recon, kl = negative_elbo_terms(logits, x, mu, logvar)
         # The tutorial's objective: -ELBO summed over the GLOBAL batch. DDP averages gradients over the N
-        # processes, so each scales the sum over its share by N.
-        loss = (recon + kl).sum() * self.world
+        # processes, so each scales the sum over its share by N; accelerate's backward divides by the
+        # accumulation steps, which the sum must not be.
+        loss = (recon + kl).sum() * (self.world * self.accum_steps)
         if self.guard_nonfinite and _not_finite_on_any_rank(loss, self.accelerator):
-            return False  # every rank skips it: none enters backward, so none waits in DDP's all-reduce alone
+            return None  # every rank skips it: none enters backward, so none waits in DDP's all-reduce alone
         self.accelerator.backward(loss)
+        return torch.stack((recon.detach().sum(), kl.detach().sum())).double()
+
+    def _accumulated_update(self, indices: torch.Tensor, noise: torch.Tensor) -> bool:
+        """train.grad_accum_steps: this process's share of the update's images in that many parts, one forward and
+        backward each, through accelerate's accumulate() (DDP all-reduces on the last part only), then one update."""
+        self.accelerator.step = 0  # every update counts its parts afresh: a skipped one never shifts the next
+        total = torch.zeros_like(self.sums)
+        parts = zip(indices.tensor_split(self.accum_steps), noise.tensor_split(self.accum_steps), strict=True)
+        for part, part_noise in parts:
+            with self.accelerator.accumulate(self.model):
+                sums = self._forward_backward(part, part_noise)
+            if sums is None:
+                return False
+            total += sums
         self.optimizer_step()
-        self.sums += torch.stack((recon.detach().sum(), kl.detach().sum())).double()
+        self.sums += total
         return True
 
 

@@ -160,8 +160,9 @@ def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data
     if cfg.train.compile:  # after prepare: the saved states keep the module's own parameter names
         model = torch.compile(model)
     train_step = make_train_step(cfg.train.cuda_graph, model, optimizer, accelerator, data.train_images,
-                                 cfg.model.z_dim, full_batch=cfg.train.batch_size,
-                                 guard_nonfinite=cfg.train.skip_nonfinite > 0)
+                                 cfg.model.z_dim, full_batch=cfg.train.update_batch,
+                                 guard_nonfinite=cfg.train.skip_nonfinite > 0,
+                                 accum_steps=cfg.train.grad_accum_steps)
     if accelerator.is_main_process:
         room_or_fail(cfg.run_dir, space_needed(raw_model, cfg))
     accelerator.wait_for_everyone()
@@ -195,8 +196,14 @@ def _write_run_files(loop: Loop, state: RunState) -> None:
     checkpoint.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
     loop.console.info(f"run directory {run_dir} | {accelerator.num_processes} process(es) on {accelerator.device} "
                       f"({accelerator.distributed_type}) | mixed precision {accelerator.mixed_precision} | "
-                      f"global batch {cfg.train.batch_size} | {len(data.train_images)} train / "
+                      f"global batch {_global_batch(cfg.train)} | {len(data.train_images)} train / "
                       f"{len(data.test_images)} test images" + (" | CUDA graph" if cfg.train.cuda_graph else ""))
+
+
+def _global_batch(train) -> str:
+    if train.grad_accum_steps == 1:
+        return str(train.batch_size)
+    return f"{train.update_batch} ({train.grad_accum_steps} accumulated batches of {train.batch_size})"
 
 
 # ---------------------------------------------------------------------------------------------------------
