@@ -340,3 +340,34 @@ def test_profile_steps_writes_a_trace_and_the_top_operators_and_changes_no_numbe
     for a, b in zip(read_jsonl(plain / "metrics.jsonl"), read_jsonl(profiled / "metrics.jsonl"), strict=True):
         assert (a["train/loss"], a["val/loss"]) == (b["train/loss"], b["val/loss"])
     assert not (plain / "profile").exists()
+
+
+def test_ema_weights_resume_exactly_and_are_what_the_model_files_hold_and_evaluate_scores(tmp_path, mnist_root):
+    """train.ema_decay: the average is part of the full state (1 + 1 epochs give the 2 straight epochs' average bit
+    for bit), is scored beside the trained weights (val_ema/*), decides best.pt, and is what last.pt holds and says
+    it holds; evaluate.py scores those weights and says so."""
+    settings = ("train.ema_decay=0.99", "log.figures=false", "data.train_subset=1000")
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert_ok(python(*train_cmd(straight, mnist_root, "train.epochs=2", *settings)))
+    assert_ok(python(*train_cmd(split, mnist_root, "train.epochs=1", *settings)))
+    assert_ok(python(*train_cmd(split, mnist_root, "train.epochs=2", *settings)))
+    a, b = (load_model_file(run / "last.pt") for run in (straight, split))
+    assert a["weights"] == b["weights"] == "ema"
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    state = next((straight / "checkpoints").glob("step_*"))
+    from safetensors.torch import load_file
+
+    trained = load_file(state / "model.safetensors")
+    assert not torch.equal(trained["decoder.out.weight"], a["model"]["decoder.out.weight"])  # not the trained ones
+    rows = read_jsonl(straight / "metrics.jsonl")
+    assert all({"val/loss", "val_ema/loss", "val_ema/recon", "val_ema/kl"} <= row.keys() for row in rows)
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["weights"] == "ema" and summary["best/val_loss"] == min(row["val_ema/loss"] for row in rows)
+    ema_loss, trained_loss = rows[-1]["val_ema/loss"], rows[-1]["val/loss"]
+    evaluated = python("evaluate.py", "--ckpt", str(straight / "last.pt"), "--iwae-k", "1", "--no-figures")
+    assert_ok(evaluated)
+    assert "of the EMA weights" in evaluated.stdout
+    results = json.loads((straight / "eval" / "metrics.json").read_text())
+    # evaluate.py draws other noise than the test pass: its -ELBO is near the EMA's val loss, not the trained one's
+    assert results["weights"] == "ema", results
+    assert abs(results["nelbo"] - ema_loss) < abs(results["nelbo"] - trained_loss) / 3, (results, rows[-1])

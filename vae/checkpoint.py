@@ -5,8 +5,9 @@ Layout of a run directory:
                                + trainer_state.json written last: it marks the state complete and says where
                                to go on (epoch, batches already done in it, step, best so far). Saved at the end
                                of epochs, and mid-epoch when a run is stopped by a signal.
-    last.pt, best.pt           weights + resolved config + epoch + metrics; plain tensors and containers only,
-                               so they load with torch.load(..., weights_only=True) and never run code
+    last.pt, best.pt           weights (the trained ones, or their EMA: "weights" says) + resolved config +
+                               epoch + metrics; plain tensors and containers only, so they load with
+                               torch.load(..., weights_only=True) and never run code
 
 Every write is atomic: files are written under a temporary name and renamed; a full state is written into
 `.step_00003600.partial/` and renamed when complete. A crash mid-save leaves the previous checkpoint as it was.
@@ -139,11 +140,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 # Model files (last.pt / best.pt)
 
 
-def save_model_file(path: Path, model: torch.nn.Module, config: dict, epoch: int, metrics: dict) -> None:
+def save_model_file(path: Path, model: torch.nn.Module, config: dict, epoch: int, metrics: dict,
+                    weights: str = "trained") -> None:
+    """weights: which weights `model` holds, "trained" or "ema" (train.ema_decay's average), said in the file."""
     payload = {
         "kind": KIND,
         "format_version": FORMAT_VERSION,
         "model": {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()},
+        "weights": weights,
         "config": config,
         "epoch": int(epoch),
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},

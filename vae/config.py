@@ -104,6 +104,10 @@ class TrainConfig:
     deterministic: bool = False
     """Reproducible GPU runs: torch's deterministic algorithms (an error names any op without one), cuBLAS's fixed
     workspace (CUBLAS_WORKSPACE_CONFIG), cuDNN without autotuning. CPU runs are reproducible without it."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights, ema = decay * ema + (1 - decay) * weights after every
+    update (e.g. 0.999: an average over about the last 1,000 updates). It is scored beside the trained weights
+    (val_ema/*), decides best.pt and early stopping, and is what last.pt and best.pt hold. None: off."""
     early_stop_patience: int | None = None
     """Stop after this many epochs in a row without a better val/loss (the run then ends as a finished one, at
     the epoch it reached). None: train all epochs."""
@@ -122,6 +126,9 @@ class TrainConfig:
         if self.num_threads is not None:
             _require(self.num_threads >= 1, "train.num_threads", ">= 1 or null", self.num_threads)
         _require(self.profile_steps >= 0, "train.profile_steps", ">= 0", self.profile_steps)
+        if self.ema_decay is not None:
+            _require(0 < self.ema_decay < 1, "train.ema_decay", "between 0 and 1 (e.g. 0.999) or null",
+                     self.ema_decay)
         if self.early_stop_patience is not None:
             _require(self.early_stop_patience >= 1, "train.early_stop_patience", ">= 1 or null",
                      self.early_stop_patience)

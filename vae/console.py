@@ -46,6 +46,7 @@ class RunConsole:
         self.print(
             f"epoch {row['epoch']:>3}  train/loss {row['train/loss']:8.3f}  val/loss {row['val/loss']:8.3f}  "
             f"val/recon {row['val/recon']:8.3f}  val/kl {row['val/kl']:6.3f}  "
+            + (f"val_ema/loss {row['val_ema/loss']:8.3f}  " if "val_ema/loss" in row else "") +
             f"{row['samples_per_s']:9.0f} samples/s  {row['epoch_time_s']:5.1f} s"
             + (f"  data wait {row['data_wait_share']:.1%}  peak {max(row['peak_memory_mb_per_rank']):.0f} MB"
                if "data_wait_share" in row else "")

@@ -136,6 +136,7 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         "seed": seed,
         "checkpoint": str(path),
         "checkpoint_epoch": payload.get("epoch"),
+        "weights": payload.get("weights", "trained"),  # "ema": the average train.ema_decay kept
         "config": {"z_dim": cfg.model.z_dim, "hidden": list(cfg.model.hidden), "run": cfg.run.name},
         "device": str(accelerator.device),
         "num_processes": accelerator.num_processes,
@@ -149,8 +150,9 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         drawn = model_figures(model, images, per_image["mu"], per_image["labels"], accelerator.device) \
             if figures else {}
         save_figures(drawn, out_dir)
-        console.summary_table(f"{path} (epoch {payload.get('epoch')}), {metrics['n_images']} test images, "
-                              f"nats per image", {
+        weights = " of the EMA weights" if results["weights"] == "ema" else ""
+        console.summary_table(f"{path} (epoch {payload.get('epoch')}{weights}), {metrics['n_images']} test "
+                              f"images, nats per image", {
                                   "-ELBO (nelbo)": metrics["nelbo"], "recon": metrics["recon"], "kl": metrics["kl"],
                                   f"IWAE NLL (k={iwae_k})": metrics["iwae_nll"],
                                   "active units": f"{metrics['active_units']} / {cfg.model.z_dim}",

@@ -33,8 +33,8 @@ def saved_config(run_dir: Path) -> Config | None:
 
 
 def check_resumable(run_dir: Path, cfg: Config) -> None:
-    """Settings a resumed run cannot change: the model (the state would not fit) and the learning-rate schedule
-    (the saved scheduler state is of the other kind)."""
+    """Settings a resumed run cannot change: the model (the state would not fit), the learning-rate schedule
+    (the saved scheduler state is of the other kind) and whether it keeps an EMA of the weights."""
     saved = saved_config(run_dir)
     if saved is None:
         return
@@ -44,6 +44,13 @@ def check_resumable(run_dir: Path, cfg: Config) -> None:
     if saved.train.lr_schedule != cfg.train.lr_schedule:
         raise TrainingError(f"{run_dir} was trained with train.lr_schedule={saved.train.lr_schedule}, not "
                             f"{cfg.train.lr_schedule}; resume with the same schedule, or pass a new run.dir=...")
+    if saved.train.ema_decay is None and cfg.train.ema_decay is not None:
+        raise TrainingError(f"{run_dir} was trained without an average of the weights (train.ema_decay=null) and "
+                            f"cannot start one on resume; resume with train.ema_decay=null, or pass a new run.dir=...")
+    if saved.train.ema_decay is not None and cfg.train.ema_decay is None:  # another decay is fine: same state
+        raise TrainingError(f"{run_dir} keeps an average of the weights (train.ema_decay={saved.train.ema_decay}) "
+                            f"and cannot drop it on resume; resume with train.ema_decay set, or pass a new "
+                            f"run.dir=...")
 
 
 # How an epoch's order is drawn (vae.data.EpochBatches); a mid-epoch state saved with another one cannot go on.

@@ -89,17 +89,21 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) 
 ROOM_FOR_LOGS_AND_FIGURES = 32 * 2**20  # metrics, PNGs, W&B's run files: a z2 run writes about 5 MiB of them
 
 
-def full_state_bytes(model: torch.nn.Module) -> int:
-    """About the size of one full training state: the float32 weights and Adam's two moments."""
-    return 3 * 4 * sum(p.numel() for p in model.parameters())
+def full_state_bytes(model: torch.nn.Module, ema: bool = False) -> int:
+    """About the size of one full training state: the float32 weights, Adam's two moments, and the weights'
+    average when the run keeps one (train.ema_decay)."""
+    return (4 if ema else 3) * _weight_bytes(model)
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    return 4 * sum(p.numel() for p in model.parameters())
 
 
 def space_needed(model: torch.nn.Module, cfg: Config) -> int:
     """Bytes a run directory needs at its fullest: train.keep_checkpoints full states plus the one being written
     before the oldest is pruned, last.pt and best.pt (weights only), the model files W&B stages for upload when
     log.checkpoint_artifacts is on, and room for logs and figures."""
-    full_state = full_state_bytes(model)
-    weights = full_state // 3
+    full_state, weights = full_state_bytes(model, cfg.train.ema_decay is not None), _weight_bytes(model)
     staged = 2 * weights * cfg.train.epochs if cfg.log.wandb and cfg.log.checkpoint_artifacts else 0
     return (cfg.train.keep_checkpoints + 1) * full_state + 2 * weights + staged + ROOM_FOR_LOGS_AND_FIGURES
 

@@ -26,7 +26,7 @@ class RunState:
     epoch: int = 1  # the epoch to train (next, or on with when stopped mid-epoch)
     step: int = 0  # optimizer steps since the run began, over all its starts
     batches_done: int = 0  # batches of `epoch` already trained
-    best_loss: float = math.inf  # the lowest val/loss so far, and its epoch
+    best_loss: float = math.inf  # the lowest val/loss so far (val_ema/loss with an EMA), and its epoch
     best_epoch: int | None = None
     so_far: EpochSoFar = dataclasses.field(default_factory=EpochSoFar)
     history: list[dict] = dataclasses.field(default_factory=list)  # metrics.jsonl rows (kept there, not here)
@@ -79,10 +79,12 @@ class RunState:
                 f"{self.best_loss:.3f}, at epoch {self.best_epoch})")
 
     def finish_epoch(self, row: dict) -> bool:
-        """Record an epoch's metrics row and move on to the next epoch; True when its val/loss is the best yet."""
+        """Record an epoch's metrics row and move on to the next epoch; True when the val/loss of the weights the
+        run keeps (their average's, val_ema/loss, when train.ema_decay is on) is the best yet."""
         self.history.append(row)
-        improved = row["val/loss"] < self.best_loss
+        loss = row.get("val_ema/loss", row["val/loss"])
+        improved = loss < self.best_loss
         if improved:
-            self.best_loss, self.best_epoch = row["val/loss"], row["epoch"]
+            self.best_loss, self.best_epoch = loss, row["epoch"]
         self.epoch, self.batches_done, self.so_far = row["epoch"] + 1, 0, EpochSoFar()
         return improved

@@ -374,7 +374,7 @@ class Tracker:
         """Epoch-level charts (val/*, the epoch's train loss, perf/*, figures) use `epoch` as their x-axis."""
         def define():
             self.run.define_metric("epoch")
-            for pattern in ("val/*", "train/epoch_loss", "perf/*", "figures/*", "latent/*"):
+            for pattern in ("val/*", "val_ema/*", "train/epoch_loss", "perf/*", "figures/*", "latent/*"):
                 self.run.define_metric(pattern, step_metric="epoch")
         self._guard("defining metrics", define)
 

@@ -24,6 +24,7 @@ from . import checkpoint, figures, perf, tracking
 from .config import Config, config_to_dict, dump_yaml
 from .console import RunConsole
 from .data import TrainingData, load_training_data
+from .ema import WeightAverage, weight_average
 from .evaluation import evaluate_test_set
 from .launch import check_training_launch, cpu_threads, environment_info, make_accelerator
 from .model import VAE
@@ -43,6 +44,9 @@ from .step import (
     restore_step_settings,
     stop_if_not_finite,
 )
+
+VAL_KEYS = ("val/loss", "val/recon", "val/kl")  # the test pass's numbers, of the trained weights
+EMA_VAL_KEYS = tuple(key.replace("val/", "val_ema/") for key in VAL_KEYS)  # of their average (train.ema_decay)
 
 # ---------------------------------------------------------------------------------------------------------
 # The whole run
@@ -121,6 +125,7 @@ class Loop:
     console: RunConsole
     data: TrainingData
     raw_model: VAE  # the plain module: figures, model files and the test pass (no DDP, no compiled graph)
+    ema: WeightAverage | None  # train.ema_decay: the average of raw_model's weights, else None
     train_step: TrainStep
     scheduler: object | None  # a cosine schedule, or None for a constant rate
     nonfinite: NonFiniteSteps
@@ -136,13 +141,28 @@ class Loop:
     def config_dict(self) -> dict:
         return config_to_dict(self.cfg)
 
+    @property
+    def kept_model(self) -> VAE:
+        """The weights the model files hold and the figures show: the EMA when on."""
+        return self.ema.module if self.ema is not None else self.raw_model
+
     def test_pass(self) -> dict:
-        return evaluate_test_set(self.raw_model, self.data.test_images_here, self.data.test_labels,
-                                 self.data.test_noise, self.accelerator, self.cfg.data.eval_batch_size)
+        """val/* of the trained weights; with an EMA also val_ema/*, and the latents are the EMA's."""
+        trained = self._score(self.raw_model)
+        if self.ema is None:
+            return trained
+        averaged = self._score(self.ema.module)
+        return {**averaged, **{key: trained[key] for key in VAL_KEYS},
+                **{ema_key: averaged[key] for key, ema_key in zip(VAL_KEYS, EMA_VAL_KEYS, strict=True)}}
+
+    def _score(self, model: VAE) -> dict:
+        return evaluate_test_set(model, self.data.test_images_here, self.data.test_labels, self.data.test_noise,
+                                 self.accelerator, self.cfg.data.eval_batch_size)
 
     def save_state(self, state: RunState) -> Path:
         return checkpoint.save_full_state(self.accelerator, self.cfg.run_dir, state.trainer_state(),
-                                          self.cfg.train.keep_checkpoints, full_state_bytes(self.raw_model))
+                                          self.cfg.train.keep_checkpoints,
+                                          full_state_bytes(self.raw_model, self.ema is not None))
 
 
 def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data: TrainingData,
@@ -168,7 +188,8 @@ def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data
     accelerator.wait_for_everyone()
     profiler = StepProfiler(cfg.train.profile_steps, cfg.run_dir, accelerator.device, console,
                             enabled=accelerator.is_main_process)
-    return Loop(cfg, accelerator, console, data, raw_model, train_step, scheduler,
+    ema = weight_average(raw_model, cfg.train.ema_decay, accelerator)
+    return Loop(cfg, accelerator, console, data, raw_model, ema, train_step, scheduler,
                 NonFiniteSteps(cfg.train.skip_nonfinite, console), stop, profiler)
 
 
@@ -274,6 +295,8 @@ def train_one_epoch(loop: Loop, state: RunState, bar) -> EpochResult:
         if step_fn(indices, global_size, share):
             seen += len(indices)
             attempted += 1
+            if loop.ema is not None:
+                loop.ema.update()
         else:
             loop.nonfinite.skip(epoch, step + 1)
         if loop.scheduler is not None:
@@ -317,6 +340,7 @@ def _epoch_row(epoch: int, trained: EpochResult, evaluation: dict, loop: Loop, t
         "train/loss": trained.mean_loss,
         "val/loss": evaluation["val/loss"],
         "val/recon": evaluation["val/recon"], "val/kl": evaluation["val/kl"],
+        **{key: evaluation[key] for key in EMA_VAL_KEYS if key in evaluation},
         "samples_per_s": trained.trained_now / train_time,
         "epoch_time_s": epoch_time,
         "lr": loop.train_step.lr,
@@ -338,11 +362,12 @@ def _report_epoch(loop: Loop, row: dict, evaluation: dict, improved: bool) -> di
         f.write(json.dumps(row) + "\n")
     loop.console.epoch_line(row)
     metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
-    checkpoint.save_model_file(cfg.run_dir / "last.pt", loop.raw_model, loop.config_dict, epoch, metrics)
-    if improved:
-        checkpoint.save_model_file(cfg.run_dir / "best.pt", loop.raw_model, loop.config_dict, epoch, metrics)
-    tracker.log({"epoch": epoch, "train/epoch_loss": row["train/loss"], "val/loss": row["val/loss"],
-                 "val/recon": row["val/recon"], "val/kl": row["val/kl"], "perf/samples_per_s": row["samples_per_s"],
+    weights = "ema" if loop.ema is not None else "trained"
+    for name in ("last.pt", "best.pt") if improved else ("last.pt",):
+        checkpoint.save_model_file(cfg.run_dir / name, loop.kept_model, loop.config_dict, epoch, metrics, weights)
+    tracker.log({"epoch": epoch, "train/epoch_loss": row["train/loss"],
+                 **{key: row[key] for key in (*VAL_KEYS, *EMA_VAL_KEYS) if key in row},
+                 "perf/samples_per_s": row["samples_per_s"],
                  "perf/data_wait_share": row["data_wait_share"],
                  "perf/peak_memory_mb": max(row["peak_memory_mb_per_rank"])}, step=row["step"])
     for_wandb = tracker.figures_due(cfg.log.images_every_epochs, epoch, cfg.train.epochs)
@@ -359,7 +384,7 @@ def _report_epoch(loop: Loop, row: dict, evaluation: dict, improved: bool) -> di
 
 def _draw(loop: Loop, evaluation: dict) -> dict:
     data, device = (evaluation["latent_means"], evaluation["labels"]), loop.accelerator.device
-    return figures.model_figures(loop.raw_model, loop.data.test_images, *data, device)
+    return figures.model_figures(loop.kept_model, loop.data.test_images, *data, device)
 
 
 def _param_checksum(model: torch.nn.Module) -> float:
@@ -377,6 +402,7 @@ def _finish(loop: Loop, state: RunState, evaluation: dict, drawn: dict | None, w
         "val/loss": evaluation["val/loss"],
         "val/recon": evaluation["val/recon"],
         "val/kl": evaluation["val/kl"],
+        **{key: evaluation[key] for key in EMA_VAL_KEYS if key in evaluation},
         "best/val_loss": state.best_loss,
         "best/epoch": state.best_epoch,
         "wall_time_s": wall_time,
@@ -384,13 +410,15 @@ def _finish(loop: Loop, state: RunState, evaluation: dict, drawn: dict | None, w
         "param_checksum_per_rank": checksums,
         "run_dir": str(cfg.run_dir),
         "stopped_early": state.stops_early(cfg.train.early_stop_patience),
+        "weights": "ema" if loop.ema is not None else "trained",  # what last.pt and best.pt hold
     }
     if accelerator.is_main_process:
         if cfg.log.figures:
             drawn = drawn or _draw(loop, evaluation)
             figures.save_figures({"loss.png": figures.loss_curve(history), **drawn}, cfg.run_dir)
         checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(final, indent=1))
-        shown = {k: v for k, v in final.items() if k not in ("param_checksum_per_rank", "run_dir", "stopped_early")}
+        hidden = ("param_checksum_per_rank", "run_dir", "stopped_early", "weights")
+        shown = {k: v for k, v in final.items() if k not in hidden}
         loop.console.summary_table(f"{cfg.run_dir}: done", shown)
         loop.tracker.summary({**{k: v for k, v in shown.items() if k != "train/loss"},
                               "train/epoch_loss": final["train/loss"],

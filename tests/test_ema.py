@@ -1,0 +1,61 @@
+"""train.ema_decay's average of the weights, in process: its arithmetic, its state, and the resume rule."""
+
+import pytest
+import torch
+
+from vae.config import ConfigError, dump_yaml, load_config
+from vae.ema import WeightAverage
+from vae.errors import TrainingError
+from vae.resume import check_resumable
+
+
+def test_the_average_follows_the_warmed_up_decay_and_leaves_the_trained_weights_alone():
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.9)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for t in range(1, 40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        trained = [p.detach().clone() for p in model.parameters()]
+        average.update()
+        decay = min(0.9, t / (9 + t))  # (1 + n) / (10 + n) with n = t - 1 earlier updates
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, trained, strict=True)]
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), trained, strict=True))
+    for got, want in zip(average.module.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not any(p.requires_grad for p in average.module.parameters())
+
+
+def test_the_state_round_trips_with_its_update_count():
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, decay=0.99)
+    for _ in range(5):
+        average.update()
+    restored = WeightAverage(torch.nn.Linear(3, 2), decay=0.99)
+    restored.load_state_dict(average.state_dict())
+    assert restored.updates == 5
+    assert all(torch.equal(a, b) for a, b in zip(restored.module.parameters(), average.module.parameters(),
+                                                  strict=True))
+
+
+@pytest.mark.parametrize("before, after, message", [
+    ("null", 0.999, r"without an average of the weights \(train.ema_decay=null\) and cannot start one on resume"),
+    (0.999, "null", r"keeps an average of the weights \(train.ema_decay=0.999\) and cannot drop it on resume"),
+])
+def test_a_run_cannot_start_or_stop_keeping_an_average_on_resume(before, after, message, tmp_path):
+    (tmp_path / "config.yaml").write_text(dump_yaml(load_config("configs/debug.yaml", [f"train.ema_decay={before}"])))
+    with pytest.raises(TrainingError, match=message):
+        check_resumable(tmp_path, load_config("configs/debug.yaml", [f"train.ema_decay={after}"]))
+    check_resumable(tmp_path, load_config("configs/debug.yaml", [f"train.ema_decay={before}"]))
+
+
+def test_a_run_keeping_an_average_may_resume_with_another_decay(tmp_path):
+    (tmp_path / "config.yaml").write_text(dump_yaml(load_config("configs/debug.yaml", ["train.ema_decay=0.99"])))
+    check_resumable(tmp_path, load_config("configs/debug.yaml", ["train.ema_decay=0.999"]))
+
+
+@pytest.mark.parametrize("decay", [0, 1, 1.5, -0.1])
+def test_a_decay_outside_0_to_1_is_refused_in_one_line(decay):
+    with pytest.raises(ConfigError, match="train.ema_decay: must be between 0 and 1"):
+        load_config("configs/debug.yaml", [f"train.ema_decay={decay}"])
