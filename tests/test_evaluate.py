@@ -45,20 +45,20 @@ def test_metrics_figures_and_bound(trained_run, tmp_path):
 
 def test_iwae_tightens_with_k_and_is_seeded(trained_run, tmp_path):
     values = {}
-    for k in (1, 10, 100):
+    for k in (1, 5, 25):  # IWAE's cost grows with k: 25 importance samples tighten the bound clearly
         out = tmp_path / f"k{k}.json"
         assert_ok(_evaluate("--ckpt", str(trained_run / "last.pt"), "--iwae-k", str(k), "--out", str(out),
                             "--no-figures"))
         values[k] = json.loads(out.read_text())
     # k=1 is a single-sample -ELBO with other draws: equal up to Monte-Carlo noise
     assert values[1]["iwae_nll"] == pytest.approx(values[1]["nelbo"], abs=0.5)
-    assert values[100]["iwae_nll"] < values[10]["iwae_nll"] < values[1]["iwae_nll"]
+    assert values[25]["iwae_nll"] < values[5]["iwae_nll"] < values[1]["iwae_nll"]
     again = tmp_path / "again.json"
-    assert_ok(_evaluate("--ckpt", str(trained_run / "last.pt"), "--iwae-k", "10", "--out", str(again),
+    assert_ok(_evaluate("--ckpt", str(trained_run / "last.pt"), "--iwae-k", "5", "--out", str(again),
                         "--no-figures"))
     repeat = json.loads(again.read_text())
     for key in ("nelbo", "iwae_nll", "recon", "kl"):
-        assert repeat[key] == values[10][key]
+        assert repeat[key] == values[5][key]
 
 
 def test_three_processes_give_the_one_process_numbers(trained_run, tmp_path):
