@@ -100,7 +100,8 @@ def space_needed(model: torch.nn.Module, cfg: Config) -> int:
     log.checkpoint_artifacts is on, and room for logs and figures."""
     full_state = full_state_bytes(model)
     weights = full_state // 3
-    staged = 2 * weights * cfg.train.epochs if cfg.log.wandb and cfg.log.checkpoint_artifacts else 0
+    uploads = "wandb" in cfg.log.active_trackers and cfg.log.checkpoint_artifacts
+    staged = 2 * weights * cfg.train.epochs if uploads else 0
     return (cfg.train.keep_checkpoints + 1) * full_state + 2 * weights + staged + ROOM_FOR_LOGS_AND_FIGURES
 
 
