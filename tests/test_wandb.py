@@ -26,9 +26,9 @@ FAKE_KEY = "vaeharnesstest" + "0" * 30  # the shape of an API key (40+ word char
 STEPS_PER_EPOCH = 40  # configs/debug.yaml: 2,000 images, global batch 50
 
 # The overrides of the shared run: 2 epochs, train/* every 15 steps (so that epoch ends, at 40 and 80, are rows
-# of their own), figures every 2 epochs (so epoch 1 has none), model artifacts on.
+# of their own), figures every 2 epochs (so epoch 1 has none), model artifacts on, TensorBoard next to W&B.
 RUN_OVERRIDES = ["train.epochs=2", "log.every_steps=15", "log.images_every_epochs=2", "log.tags=[test, debug]",
-                 "log.group=ci", "log.checkpoint_artifacts=true"]
+                 "log.group=ci", "log.checkpoint_artifacts=true", "log.trackers=[wandb, tensorboard]"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -132,6 +132,24 @@ def test_config_history_and_summary(offline_run):
     assert run.summary["wall_time_s"] > 0 and run.summary["train_time_s"] == pytest.approx(
         sum(r["epoch_time_s"] for r in metrics))
     assert run.summary["num_processes"] == 1
+
+
+@pytest.mark.slow
+def test_tensorboard_next_to_wandb_gets_the_same_scalars_and_the_figures(offline_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, result = offline_run
+    run = _segment(run_dir)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    for tag in ("train/loss", "train/kl", "val/loss", "val/recon", "perf/samples_per_s"):
+        rows = run.rows_with(tag)
+        assert [p.step for p in events.Scalars(tag)] == [row["_step"] for row in rows], tag
+        assert [p.value for p in events.Scalars(tag)] == pytest.approx([row[tag] for row in rows], rel=1e-6), tag
+    assert [p.step for p in events.Scalars("val/loss")] == [40, 80]
+    for name in ("reconstructions", "samples", "latent", "manifold", "interpolation"):
+        assert [image.step for image in events.Images(f"figures/{name}")] == [80], name
+    assert not any(tag.startswith("latent/") for tag in events.Tags()["scalars"])  # W&B's table stays W&B's
+    assert result.stdout.count(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}") == 1
 
 
 @pytest.mark.slow
@@ -445,6 +463,13 @@ def test_log_config_keys():
     assert (log.wandb, log.project, log.entity, log.name, log.group, log.tags) == (True, "vae-mnist", None, None,
                                                                                     None, ())
     assert (log.images_every_epochs, log.latent_points, log.checkpoint_artifacts) == (5, 2000, False)
+    assert log.trackers == log.active_trackers == ("wandb",)
+    # log.wandb=false keeps meaning no W&B, whatever log.trackers says
+    for overrides, active in ((["log.trackers=[tensorboard]"], ("tensorboard",)),
+                              (["log.trackers=[wandb, tensorboard]"], ("wandb", "tensorboard")),
+                              (["log.trackers=[wandb, tensorboard]", "log.wandb=false"], ("tensorboard",)),
+                              (["log.wandb=false"], ()), (["log.trackers=[]"], ())):
+        assert load_config(None, overrides).log.active_trackers == active, overrides
     cfg = load_config(REPO / "configs/debug.yaml", ["log.tags=[a, b2]", "log.entity=team", "log.name=x"])
     assert cfg.log.tags == ("a", "b2") and cfg.log.entity == "team" and cfg.log.name == "x"
 
@@ -457,6 +482,9 @@ def test_log_config_keys():
     ("log.images_every_epochs=-1", "log.images_every_epochs: must be >= 0"),
     ("log.latent_points=-5", "log.latent_points: must be >= 0"),
     ("log.wandb=yes please", "log.wandb: must be true or false"),
+    ("log.trackers=[wandb, mlflow]", "log.trackers[1]: must be one of wandb, tensorboard (got 'mlflow')"),
+    ("log.trackers=tensorboard", "log.trackers: must be a list of strings"),
+    ("log.trackers=[tensorboard, tensorboard]", "log.trackers: must be a list without repeats"),
 ])
 def test_log_config_errors_are_one_line(override, message):
     with pytest.raises(ConfigError) as error:

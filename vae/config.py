@@ -150,6 +150,7 @@ class RunConfig:
 
 
 _WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in project names
+TRACKERS = ("wandb", "tensorboard")  # what log.trackers may name
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,9 +160,13 @@ class LogConfig:
     (the mean over the images since the previous report, over all processes)."""
     figures: bool = True
     """Write the PNG figures (loss curve, reconstructions, samples, latent space) at the end of training."""
+    trackers: tuple[str, ...] = ("wandb",)
+    """Where the run is tracked, through Accelerate's tracker API: any of wandb (Weights & Biases) and tensorboard
+    (event files in <run dir>/tensorboard/; needs `pip install tensorboard`), e.g. [wandb, tensorboard]."""
     wandb: bool = True
-    """Track the run with Weights & Biases (through Accelerate). Without credentials or with WANDB_MODE=offline
-    it logs offline into <run dir>/wandb/ for a later `wandb sync`. false: wandb is never imported."""
+    """Track the run with Weights & Biases (through Accelerate) when log.trackers has wandb. Without credentials or
+    with WANDB_MODE=offline it logs offline into <run dir>/wandb/ for a later `wandb sync`. false: no W&B whatever
+    log.trackers says, and wandb is never imported."""
     project: str = "vae-mnist"
     """W&B project."""
     entity: str | None = None
@@ -187,6 +192,10 @@ class LogConfig:
 
     def __post_init__(self) -> None:
         _require(self.every_steps >= 1, "log.every_steps", ">= 1", self.every_steps)
+        for i, name in enumerate(self.trackers):
+            _require(name in TRACKERS, f"log.trackers[{i}]", f"one of {', '.join(TRACKERS)}", name)
+        _require(len(set(self.trackers)) == len(self.trackers), "log.trackers", "a list without repeats",
+                 list(self.trackers))
         _require(bool(self.project) and len(self.project) <= 128
                  and not any(c in self.project for c in _WANDB_PROJECT_FORBIDDEN), "log.project",
                  f"a W&B project name: 1 to 128 characters, none of {_WANDB_PROJECT_FORBIDDEN}", self.project)
@@ -199,6 +208,11 @@ class LogConfig:
         _require(self.images_every_epochs >= 0, "log.images_every_epochs", ">= 0 (0: never)",
                  self.images_every_epochs)
         _require(self.latent_points >= 0, "log.latent_points", ">= 0 (0: all)", self.latent_points)
+
+    @property
+    def active_trackers(self) -> tuple[str, ...]:
+        """The trackers this run uses: log.trackers, less wandb when log.wandb=false. The one place that decides."""
+        return tuple(name for name in self.trackers if name != "wandb" or self.wandb)
 
 
 @dataclass(frozen=True, kw_only=True)

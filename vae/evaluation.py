@@ -165,7 +165,8 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         if not in_run:
             console.info(f"{path.parent} records no W&B run ({tracking.RUN_FILE}): the evaluation is logged as a "
                          f"new W&B run, its files in {out_dir / 'wandb'}")
-        tracker = tracking.Tracker.start(accelerator, console, log=dataclasses.replace(cfg.log, wandb=True),
+        only_wandb = dataclasses.replace(cfg.log, wandb=True, trackers=("wandb",))  # whatever the run tracked with
+        tracker = tracking.Tracker.start(accelerator, console, log=only_wandb,
                                          run_name=cfg.run.name, run_dir=path.parent if in_run else out_dir,
                                          config=None, resumed=in_run)
         tracker.log_evaluation(results, drawn if accelerator.is_main_process else {}, per_image["mu"],

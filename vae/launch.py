@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, GradientAccumulationPlugin, GradScalerKwargs, InitProcessGroupKwargs
 
-from . import tracking
+from . import tensorboard_tracking, tracking
 from .config import Config, ConfigError
 from .console import RunConsole
 from .errors import HarnessError
@@ -56,6 +56,8 @@ def determinism() -> dict:
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
+    if "tensorboard" in cfg.log.active_trackers:
+        tensorboard_tracking.require()  # a missing package is an error before anything starts
     if cfg.train.deterministic:
         make_deterministic()
     handlers = [GradScalerKwargs(init_scale=fp16_initial_scale(cfg.train.batch_size))]  # used only under fp16
@@ -74,7 +76,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         # from changing what accelerate's backward divides by behind the step's back.
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.train.grad_accum_steps),
         kwargs_handlers=handlers,
-        log_with=tracking.log_with(cfg.log.wandb),  # None when log.wandb=false: wandb is never imported
+        # None without W&B: wandb is never imported (TensorBoard is registered by vae.tracking, see there)
+        log_with=tracking.log_with("wandb" in cfg.log.active_trackers),
     )
 
 

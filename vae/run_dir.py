@@ -104,7 +104,8 @@ def space_needed(model: torch.nn.Module, cfg: Config) -> int:
     before the oldest is pruned, last.pt and best.pt (weights only), the model files W&B stages for upload when
     log.checkpoint_artifacts is on, and room for logs and figures."""
     full_state, weights = full_state_bytes(model, cfg.train.ema_decay is not None), _weight_bytes(model)
-    staged = 2 * weights * cfg.train.epochs if cfg.log.wandb and cfg.log.checkpoint_artifacts else 0
+    uploads = "wandb" in cfg.log.active_trackers and cfg.log.checkpoint_artifacts
+    staged = 2 * weights * cfg.train.epochs if uploads else 0
     return (cfg.train.keep_checkpoints + 1) * full_state + 2 * weights + staged + ROOM_FOR_LOGS_AND_FIGURES
 
 

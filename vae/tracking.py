@@ -1,5 +1,6 @@
-"""Weights & Biases through Accelerate's tracker API. The only module that knows wandb, and it imports it only
-inside functions: `import vae.training` and runs with log.wandb=false never load it.
+"""The trackers of log.trackers through Accelerate's tracker API: Weights & Biases here, TensorBoard in
+vae.tensorboard_tracking. The only module that knows wandb, and it imports it only inside functions: `import
+vae.training` and runs without W&B never load it. The W&B side:
 
 - One W&B run per run directory, across restarts: its id is kept in <run dir>/wandb_run.json, made on the first
   start and reused (`resume="allow"`) whenever training resumes from a checkpoint there, so a requeued Slurm job
@@ -14,6 +15,9 @@ inside functions: `import vae.training` and runs with log.wandb=false never load
 - Never fatal: if W&B fails (wandb.init raising, or a log call raising mid-run), a warning is printed once and
   training goes on without W&B; metrics.jsonl and the PNG files never depend on it.
 - Only the main process talks to W&B; on the others every method does nothing.
+
+Both trackers get the same accelerator.log calls (scalars at the global step) and skip the same steps: those the
+run directory's W&B run or TensorBoard folder already holds, whichever is further.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 from .checkpoint import atomic_write_text
 from .console import RunConsole
 from .errors import first_line
+from .tensorboard_tracking import RunTensorBoard
 
 RUN_FILE = "wandb_run.json"
 STEP_FILE_EVERY_S = 30.0  # how often the last logged step is written to RUN_FILE while training
@@ -181,13 +186,14 @@ def _stop_wandb_service() -> None:
 
 
 class Tracker:
-    """The W&B side of a training or evaluation. `Tracker.start(...)` never raises; every method is a no-op when
-    W&B is off, failed, or this is not the main process."""
+    """The trackers of a training or evaluation. `Tracker.start(...)` never raises; every method is a no-op when
+    they are off, failed, or this is not the main process."""
 
     def __init__(self, accelerator, console: RunConsole):
         self.accelerator = accelerator
         self.console = console
         self.run = None  # the wandb Run while W&B works, on the main process
+        self.tensorboard: RunTensorBoard | None = None  # while TensorBoard is on, on the main process
         self.dropped_run = None  # the wandb Run a failure made the harness stop logging to, still to be closed
         self.run_dir: Path | None = None
         self.run_id: str | None = None
@@ -205,20 +211,39 @@ class Tracker:
     @classmethod
     def start(cls, accelerator, console: RunConsole, *, log, run_name: str | None, run_dir: Path,
               config: dict | None, resumed: bool) -> Tracker:
-        """Start (or continue) the run directory's W&B run. `log` is the LogConfig; `resumed`: whether this
-        continues the run directory's training (then its W&B run id is reused, else a new one is made)."""
+        """Start (or continue) the run directory's W&B run and TensorBoard folder, as log.active_trackers says.
+        `log` is the LogConfig; `resumed`: whether this continues the run directory's training (then its W&B run
+        id is reused, else a new one is made)."""
         tracker = cls(accelerator, console)
-        if not (log.wandb and accelerator.is_main_process):
+        if not accelerator.is_main_process:
             return tracker
-        if "wandb" not in [str(t) for t in getattr(accelerator, "log_with", [])]:
-            console.warn("log.wandb=true but wandb is not installed (or the Accelerator was made without "
-                         "log_with='wandb'): going on without W&B; pip install wandb, or pass log.wandb=false")
-            return tracker
-        try:
-            tracker._start(log, run_name, Path(run_dir), config, resumed)
-        except Exception as e:  # a bug or an unexpected wandb: W&B is optional, training is not
-            tracker._fail("W&B could not start", e)
+        if "wandb" in log.active_trackers:
+            tracker._start_wandb(log, run_name, Path(run_dir), config, resumed)
+        if "tensorboard" in log.active_trackers:
+            tracker._start_tensorboard(Path(run_dir), config, resumed)
         return tracker
+
+    def _start_wandb(self, log, run_name, run_dir: Path, config, resumed: bool) -> None:
+        if "wandb" not in [str(t) for t in getattr(self.accelerator, "log_with", [])]:
+            self.console.warn("log.wandb=true but wandb is not installed (or the Accelerator was made without "
+                              "log_with='wandb'): going on without W&B; pip install wandb, or pass log.wandb=false")
+            return
+        try:
+            self._start(log, run_name, run_dir, config, resumed)
+        except Exception as e:  # a bug or an unexpected wandb: W&B is optional, training is not
+            self._fail("W&B could not start", e)
+
+    def _start_tensorboard(self, run_dir: Path, config, resumed: bool) -> None:
+        """After W&B (whose init_trackers starts every tracker registered by then), first in the Accelerator's
+        trackers: accelerator.log reaches it before W&B, whose failure then cannot cost it a row."""
+        tensorboard = RunTensorBoard(run_dir, self.console)
+        if not tensorboard.open(config, resumed):
+            return
+        self.tensorboard = tensorboard
+        self.accelerator.trackers.insert(0, tensorboard)
+        self.logged_before = self.last_step = max(self.logged_before, tensorboard.logged_before)
+        tensorboard.logged_before = self.logged_before
+        self.console.info(f"TensorBoard: tensorboard --logdir {_shown_path(tensorboard.folder)}")
 
     def _start(self, log, run_name, run_dir: Path, config, resumed: bool) -> None:
         record = read_run_file(run_dir) if resumed else None
@@ -346,15 +371,33 @@ class Tracker:
 
     # -- logging -------------------------------------------------------------------------------------------
 
+    @property
+    def logging(self) -> bool:
+        """Whether a tracker (W&B, TensorBoard) is on."""
+        return self.run is not None or self.tensorboard is not None
+
     def log(self, values: dict, step: int) -> None:
-        """accelerator.log at the global step; steps an earlier start of this run already logged are skipped
-        (they were trained again after a crash), so the history never goes backwards."""
+        """accelerator.log at the global step, to every tracker; steps an earlier start of this run already logged
+        are skipped (they were trained again after a crash), so the history never goes backwards."""
+        if not self.logging or step <= self.logged_before:
+            return
+        if self.run is not None:
+            self._guard("logging", lambda: self.accelerator.log(values, step=step))
+        else:  # TensorBoard alone: its tracker turns its own failures into a warning
+            self.accelerator.log(values, step=step)
+        self._logged(step)
+
+    def _log_wandb(self, values: dict, step: int) -> None:
+        """A row of W&B objects (images, tables, charts) to W&B's tracker alone."""
         if self.run is None or step <= self.logged_before:
             return
-        self._guard("logging", lambda: self.accelerator.log(values, step=step))
-        if self.run is not None and step > self.last_step:
+        self._guard("logging", lambda: self.accelerator.get_tracker("wandb").log(values, step=step))
+        self._logged(step)
+
+    def _logged(self, step: int) -> None:
+        if step > self.last_step:
             self.last_step = step
-            if time.monotonic() - self._step_written_at > STEP_FILE_EVERY_S:
+            if self.run is not None and time.monotonic() - self._step_written_at > STEP_FILE_EVERY_S:
                 self.save_step()
 
     def save_step(self) -> None:
@@ -380,14 +423,19 @@ class Tracker:
 
     def figures_due(self, every: int, epoch: int, last_epoch: int) -> bool:
         """Whether to draw and log the figures after this epoch: every `every` epochs and after the last one."""
-        return self.run is not None and every > 0 and (epoch % every == 0 or epoch == last_epoch)
+        return self.logging and every > 0 and (epoch % every == 0 or epoch == last_epoch)
 
     def log_figures(self, figures: dict, latents, labels, epoch: int, step: int, prefix: str = "",
                     points: int = 0) -> None:
-        """figures: name.png -> matplotlib Figure (vae.figures.model_figures); latents [N, z] with labels [N]:
-        an interactive table (the latents, or their 2-D PCA projection when z > 2) and its scatter plot, of the
-        first `points` images (0: all)."""
-        if self.run is None or step <= self.logged_before:
+        """figures: name.png -> matplotlib Figure (vae.figures.model_figures), as images to every tracker; to W&B
+        also, of latents [N, z] with labels [N], an interactive table (the latents, or their 2-D PCA projection
+        when z > 2) and its scatter plot, of the first `points` images (0: all)."""
+        if step <= self.logged_before:
+            return
+        if self.tensorboard is not None:
+            self.tensorboard.log_figures(figures, step, prefix)
+            self._logged(step)
+        if self.run is None:
             return
 
         def build() -> dict:
@@ -410,7 +458,7 @@ class Tracker:
 
         values = self._guard("preparing the figures", build)
         if values:
-            self.log(values, step)
+            self._log_wandb(values, step)
 
     def log_evaluation(self, results: dict, figures: dict, latents, labels) -> None:
         """evaluate.py's numbers as eval/* (history row after the run's last step, and summary), its figures
@@ -462,7 +510,9 @@ class Tracker:
         """Training is leaving early (an exception): finish the W&B run with the process's exit code.
         preempted: stopped by a signal to be resumed (Slurm preemption, time limit), which W&B then shows as
         preempted rather than failed. A run W&B failed on earlier is closed too: when a job-wide SIGTERM (scancel)
-        kills wandb's service, the next log call often fails before the harness sees its own SIGTERM."""
+        kills wandb's service, the next log call often fails before the harness sees its own SIGTERM.
+        TensorBoard's event file is closed first: complete, whatever W&B does."""
+        self._close_tensorboard()
         run = self.run or self.dropped_run
         if run is None:
             return
@@ -501,9 +551,16 @@ class Tracker:
                           f"{'preempted' if preempted else 'failed'} in a new segment; what it logged in its last "
                           f"{FLUSH_EVERY_S:.0f} s may be missing")
 
+    def _close_tensorboard(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.finish()
+            self.accelerator.trackers = [t for t in self.accelerator.trackers if t is not self.tensorboard]
+            self.tensorboard = None
+
     def end_training(self) -> None:
-        """accelerator.end_training() on every process (finishes the W&B run, destroys the process group), with
-        a W&B failure at the end turned into a warning."""
+        """accelerator.end_training() on every process (finishes the W&B run, closes TensorBoard's event file,
+        destroys the process group), with a W&B failure at the end turned into a warning. TensorBoard, first among
+        the Accelerator's trackers, is closed before W&B is finished."""
         if self.run is not None:
             self.save_step()
         try:
@@ -513,7 +570,7 @@ class Tracker:
                 raise
             self._fail("W&B failed while finishing the run", e)
             self.accelerator.end_training()  # the process group still needs destroying
-        self.run = None
+        self.run = self.tensorboard = None
         if self.dropped_run is not None:  # W&B failed earlier: close what it kept, and stop its service here
             try:
                 self.dropped_run.finish()
