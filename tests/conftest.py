@@ -51,10 +51,11 @@ def accelerate_launch(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 def train_cmd(run_dir: Path, mnist_root: Path, *overrides: str, config: str = "configs/debug.yaml",
-              wandb: bool = False) -> list[str]:
-    """train.py's arguments. W&B is off unless a test is about it (wandb=True, or log.wandb=true among the
-    overrides, which come later and win): starting it costs seconds per run."""
-    quiet = [] if wandb else ["log.wandb=false"]
+              wandb: bool = False, figures: bool = False) -> list[str]:
+    """train.py's arguments. W&B and the end-of-run PNG figures are off unless a test is about them (wandb=True,
+    figures=True, or log.wandb=true / log.figures=true among the overrides, which come later and win): starting W&B
+    costs seconds per run, and drawing and saving the figures more CPU time than a short training itself."""
+    quiet = ([] if wandb else ["log.wandb=false"]) + ([] if figures else ["log.figures=false"])
     return ["train.py", "--config", config, f"run.dir={run_dir}", f"data.root={mnist_root}", *quiet, *overrides]
 
 

@@ -18,7 +18,8 @@ def _final_weights(run_dir):
 
 def test_short_cpu_run_writes_a_complete_run_directory(tmp_path, mnist_root):
     run_dir = tmp_path / "run"
-    result = accelerate_launch(*train_cmd(run_dir, mnist_root, "train.epochs=2", "train.keep_checkpoints=1"))
+    result = accelerate_launch(*train_cmd(run_dir, mnist_root, "train.epochs=2", "train.keep_checkpoints=1",
+                                          figures=True))
     assert_ok(result)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -259,7 +260,7 @@ def test_early_stopping_ends_the_run_as_finished_on_every_process(tmp_path, mnis
     run_dir = tmp_path / "r"
     settings = ("train.epochs=10", "train.early_stop_patience=2", "train.lr=1e-30", "data.train_subset=500")
     result = accelerate_launch("--multi_gpu", "--num_processes", "2",
-                               *train_cmd(run_dir, mnist_root, "train.cpu=true", *settings))
+                               *train_cmd(run_dir, mnist_root, "train.cpu=true", *settings, figures=True))
     assert_ok(result)
     reason = "stopped early after epoch 3: no better val/loss for 2 epochs (train.early_stop_patience=2; the best, "
     assert reason in result.stdout and "at epoch 1)" in result.stdout

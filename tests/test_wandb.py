@@ -68,7 +68,8 @@ def offline_run(tmp_path_factory, mnist_root, no_credentials):
     repo_wandb_before = (REPO / "wandb").exists()
     # WANDB_MODE unset, as for a user who never ran `wandb login`: the harness itself must choose offline
     # (no_credentials guarantees there is nothing to upload with).
-    result = python(*train_cmd(run_dir, mnist_root, *RUN_OVERRIDES, wandb=True), env={"WANDB_MODE": None}, timeout=300)
+    args = train_cmd(run_dir, mnist_root, *RUN_OVERRIDES, wandb=True, figures=True)
+    result = python(*args, env={"WANDB_MODE": None}, timeout=300)
     assert_ok(result)
     if not repo_wandb_before:
         assert not (REPO / "wandb").exists(), "W&B wrote into the repository root"
@@ -394,7 +395,7 @@ runpy.run_path("train.py", run_name="__main__")
 def test_broken_wandb_does_not_stop_training(where, warning, tmp_path, mnist_root):
     run_dir = tmp_path / "r"
     result = python("-c", BROKEN, where, *train_cmd(run_dir, mnist_root, "data.train_subset=500",
-                                                     "log.every_steps=2", wandb=True)[1:],
+                                                     "log.every_steps=2", wandb=True, figures=True)[1:],
                     env={"WANDB_MODE": "offline"}, timeout=300)
     assert_ok(result)
     assert result.stdout.count(warning) == 1 and result.stdout.count("going on without W&B") == 1
