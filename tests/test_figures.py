@@ -44,3 +44,14 @@ def test_a_run_imports_no_plotting_tracking_or_torchvision_before_its_first_step
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_loss_curve_shows_the_weights_average_when_the_run_keeps_one():
+    from vae.plots import loss_curve
+
+    rows = [{"epoch": e, "train/loss": 200.0 - e, "val/loss": 190.0 - e, "val_ema/loss": 180.0 - e} for e in (1, 2)]
+    lines = loss_curve(rows).axes[0].get_lines()
+    assert [list(line.get_ydata()) for line in lines] == [[199, 198], [189, 188], [179, 178]]
+    assert "EMA" in lines[2].get_label()
+    without = [{key: value for key, value in row.items() if key != "val_ema/loss"} for row in rows]
+    assert len(loss_curve(without).axes[0].get_lines()) == 2

@@ -35,6 +35,8 @@ def loss_curve(history: list[dict]) -> Figure:
     ax = fig.add_subplot()
     ax.plot(epochs, [row["train/loss"] for row in history], marker="o", label="train (mean over the epoch)")
     ax.plot(epochs, [row["val/loss"] for row in history], marker="o", label="test (end of epoch)")
+    if history and all("val_ema/loss" in row for row in history):  # train.ema_decay: the weights' average too
+        ax.plot(epochs, [row["val_ema/loss"] for row in history], marker="o", label="test, EMA of the weights")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("-ELBO (nats per image)")
