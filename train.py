@@ -19,9 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def train_run() -> None:
-        from vae.training import train  # imported here so that `--help` and config errors answer at once
+        cfg = load_config(args.config, args.overrides)  # before torch is imported: a config error answers at once
+        from vae.training import train
 
-        train(load_config(args.config, args.overrides))
+        train(cfg)
 
     # checkpoints are atomic: a second Ctrl-C leaves the last complete one intact
     return run_entry_point(train_run, "the last complete checkpoint is intact, run the same command to resume")

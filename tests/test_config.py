@@ -134,3 +134,13 @@ def test_train_cli_errors_are_one_line_without_traceback(argv, expected):
     assert result.stderr.startswith(expected), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_config_error_answers_before_torch_is_imported():
+    """A typo in a key or value is told in a tenth of a second, not after torch's seconds of importing."""
+    check = ("import sys, train\n"
+             "code = train.main(['--config', 'configs/debug.yaml', 'train.lr=-1'])\n"
+             "print('exit', code, 'torch imported:', 'torch' in sys.modules)")
+    result = python("-c", check)
+    assert "exit 1 torch imported: False" in result.stdout, result.stdout + result.stderr
+    assert result.stderr.strip() == "error: train.lr: must be > 0 (got -1.0)"
