@@ -86,7 +86,7 @@ def test_iwae_with_1000_samples_stays_in_bounded_memory(fp32_run, tmp_path):
     assert peak < 3 * 2**30, f"peak GPU memory {peak / 2**30:.2f} GiB"
 
 
-def _sync_warnings(run_dir, mnist_root, train_subset: int, every_steps: int, cuda_graph: bool) -> int:
+def _sync_warnings(run_dir, mnist_root, train_subset: int, every_steps: int, settings: tuple[str, ...]) -> int:
     """Host-device syncs warned about by torch during a whole in-process run."""
     from accelerate.state import AcceleratorState
 
@@ -96,7 +96,7 @@ def _sync_warnings(run_dir, mnist_root, train_subset: int, every_steps: int, cud
     AcceleratorState._reset_state(reset_partial_state=True)
     cfg = load_config("configs/debug.yaml", [*QUIET, f"run.dir={run_dir}", f"data.root={mnist_root}",
                                              f"data.train_subset={train_subset}", f"log.every_steps={every_steps}",
-                                             "train.mixed_precision=no", f"train.cuda_graph={cuda_graph}"])
+                                             "train.mixed_precision=no", *settings])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -107,13 +107,15 @@ def _sync_warnings(run_dir, mnist_root, train_subset: int, every_steps: int, cud
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "cuda_graph"])
-def test_steps_between_two_checks_make_no_host_sync(cuda_graph, tmp_path, mnist_root):
+@pytest.mark.parametrize("settings", [(), ("train.cuda_graph=true",),
+                                      ("train.ema_decay=0.999", "train.grad_accum_steps=2", "train.batch_size=25")],
+                         ids=["eager", "cuda_graph", "ema_and_accumulation"])
+def test_steps_between_two_checks_make_no_host_sync(settings, tmp_path, mnist_root):
     # The same run shape twice: 2 checks (every_steps) and one epoch each, but 20 steps in one and 200 in the
     # other. Whatever syncs at set-up, checks, the test pass and checkpoints is the same in both; one sync per
     # step would add 180.
-    short = _sync_warnings(tmp_path / "short", mnist_root, train_subset=1000, every_steps=10, cuda_graph=cuda_graph)
-    long = _sync_warnings(tmp_path / "long", mnist_root, train_subset=10000, every_steps=100, cuda_graph=cuda_graph)
+    short = _sync_warnings(tmp_path / "short", mnist_root, train_subset=1000, every_steps=10, settings=settings)
+    long = _sync_warnings(tmp_path / "long", mnist_root, train_subset=10000, every_steps=100, settings=settings)
     assert short > 0, "torch reported no sync at all: the sync debug mode did not work"
     assert long - short < 10, f"{long - short} more syncs in 180 more steps"
 
