@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+from .config import TrainConfig
 from .console import RunConsole
 from .data import to_unit_float
 from .errors import TrainingError
@@ -28,6 +29,18 @@ def make_optimizer(params, lr: float, device: torch.device, cuda_graph: bool) ->
     if cuda_graph:
         return torch.optim.Adam(params, lr=torch.tensor(lr, device=device), fused=True, capturable=True)
     return torch.optim.Adam(params, lr=lr, fused=device.type in ("cuda", "cpu"))
+
+
+def prepare_optimization(raw_model, train: TrainConfig, accelerator: Accelerator, total_steps: int):
+    """The model, Adam and, with train.lr_schedule=cosine, its schedule, prepared by Accelerate together: (model,
+    optimizer, scheduler or None). The schedule is built on Adam itself, as Accelerate expects: torch's schedulers
+    watch the step of the optimizer they are given, and TrainStep calls Adam's step directly, so a schedule built on
+    Accelerate's wrapper would warn at its first step that it came before any optimizer step."""
+    optimizer = make_optimizer(raw_model.parameters(), train.lr, accelerator.device, train.cuda_graph)
+    if train.lr_schedule != "cosine":
+        return (*accelerator.prepare(raw_model, optimizer), None)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return accelerator.prepare(raw_model, optimizer, scheduler)
 
 
 def restore_step_settings(optimizer, device: torch.device, cuda_graph: bool) -> None:

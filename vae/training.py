@@ -39,8 +39,8 @@ from .step import (
     NonFiniteSteps,
     TrainStep,
     applied_updates,
-    make_optimizer,
     make_train_step,
+    prepare_optimization,
     restore_step_settings,
     stop_if_not_finite,
 )
@@ -171,12 +171,8 @@ def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data
     # rank (vae.step), so 1 or N processes train the same model.
     set_seed(cfg.train.seed)
     raw_model = VAE.from_config(cfg.model).to(accelerator.device)
-    optimizer = make_optimizer(raw_model.parameters(), cfg.train.lr, accelerator.device, cfg.train.cuda_graph)
-    model, optimizer = accelerator.prepare(raw_model, optimizer)
-    scheduler = None
-    if cfg.train.lr_schedule == "cosine":
-        total_steps = cfg.train.epochs * len(data.batches)
-        scheduler = accelerator.prepare(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps))
+    model, optimizer, scheduler = prepare_optimization(raw_model, cfg.train, accelerator,
+                                                      total_steps=cfg.train.epochs * len(data.batches))
     if cfg.train.compile:  # after prepare: the saved states keep the module's own parameter names
         model = torch.compile(model)
     train_step = make_train_step(cfg.train.cuda_graph, model, optimizer, accelerator, data.train_images,
