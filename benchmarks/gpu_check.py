@@ -318,11 +318,16 @@ def _precision_target(report: dict, run: str) -> dict:
 
 
 def _kernel_target(report: dict) -> dict:
-    rows = [r for r in (report.get("step_profile") or {}).get("rows", []) if r["cuda_graph"]]
+    rows = [r for r in _profile_rows(report) if r.get("variant", "graph" if r["cuda_graph"] else "eager") == "graph"]
     worst = max(rows, key=lambda r: r["wall_over_kernel"], default=None)
     shown = ", ".join(f"batch {r['batch_size']}: {r['wall_over_kernel']:.2f}x" for r in rows)
     return _target("CUDA graph: wall time per step / kernel time per step (torch.profiler)", shown or None,
                    "<= 2x", worst is not None and worst["wall_over_kernel"] <= 2)
+
+
+def _profile_rows(report: dict) -> list[dict]:
+    """The step profile's measured rows (a variant that failed has its error instead)."""
+    return [r for r in (report.get("step_profile") or {}).get("rows", []) if "error" not in r]
 
 
 def targets(report: dict) -> list[dict]:
@@ -374,12 +379,30 @@ def _md_throughput(report: dict) -> list[str]:
 
 
 def _md_step_profile(report: dict) -> list[str]:
-    rows = [[r["batch_size"], "CUDA graph" if r["cuda_graph"] else "eager", f"{r['wall_us_per_step']:.1f}",
-             f"{r['kernel_us_per_step']:.1f}", f"{r['wall_over_kernel']:.2f}", f"{r['train_samples_per_s']:,.0f}"]
-            for r in (report.get("step_profile") or {}).get("rows", [])]
-    if not rows:
+    profile = report.get("step_profile") or {}
+    if not profile.get("rows"):
         return ["Not measured.", ""]
-    return _table(["batch", "step", "wall us/step", "kernel us/step", "wall / kernel", "train samples/s"], rows)
+    lines = []
+    if "launch" in profile:
+        launch = profile["launch"]
+        lines += [f"One tiny kernel on this machine: {launch['eager_us_per_tiny_kernel']:.1f} us launched eagerly "
+                  f"from Python, {launch['graph_us_per_tiny_kernel']:.2f} us inside a CUDA graph.", ""]
+    rows = []
+    for r in profile["rows"]:
+        name = r.get("variant", "graph" if r.get("cuda_graph") else "eager")
+        if "error" in r:
+            rows.append([r["batch_size"], name, f"failed: {r['error']}", None, None, None, None, None])
+            continue
+        rows.append([r["batch_size"], name, f"{r['wall_us_per_step']:.1f}", f"{r['kernel_us_per_step']:.1f}",
+                     _num(r["wall_over_kernel"], ".2f"), _num(r.get("device_ops_per_step"), ".0f"),
+                     f"{r['train_samples_per_s']:,.0f}", _num(r.get("warmup_s"), ".1f")])
+    lines += _table(["batch", "step", "wall us/step", "kernel us/step", "wall / kernel", "device ops/step",
+                     "train samples/s", "warm-up s"], rows)
+    for r in (r for r in profile["rows"] if r.get("top_kernels")):
+        lines += [f"Costliest device operations, batch {r['batch_size']}, {r['variant']}:", ""]
+        lines += _table(["operation", "us/step", "per step"],
+                        [[k["name"], f"{k['us_per_step']:.1f}", f"{k['per_step']:.1f}"] for k in r["top_kernels"]])
+    return lines
 
 
 def _md_runs(report: dict) -> list[str]:
@@ -542,7 +565,7 @@ class Check:
     def step_profile(self) -> tuple[str, str]:
         out = self.out / "step-profile.json"
         cmd = [sys.executable, "benchmarks/gpu_step_profile.py", "--json", str(out), "--data-root", DATA_ROOT]
-        outcome = self.run(cmd, "throughput.log", 90)
+        outcome = self.run(cmd, "throughput.log", 150)
         if out.is_file():
             self.report["step_profile"] = json.loads(out.read_text())
         return command_verdict(outcome, "eager and graph steps profiled")
