@@ -124,7 +124,7 @@ class TrainStep:
 
 
 class GraphedTrainStep(TrainStep):
-    """The same step, captured once as a CUDA graph and replayed: one launch instead of ~60 kernels' worth of
+    """The same step, captured once as a CUDA graph and replayed: one launch instead of ~80 kernels' worth of
     Python and dispatch. A graph has fixed shapes, so batches of another size (the last, short batch of an epoch)
     run eagerly, on the same parameters, gradients and optimizer state. One process, fp32 or bf16 only (checked
     at launch)."""
