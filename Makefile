@@ -46,9 +46,10 @@ clean:
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 # One-shot check on a rented GPU machine: its own Python (no venv, no pip, no network), the repo on PYTHONPATH.
-#   make gpu-check OUT=gpu-report     (report.md, report.json and logs in OUT; see benchmarks/gpu_check.py)
+#   make gpu-check OUT=gpu-report [BUDGET=seconds]  (report.md, report.json and logs in OUT; see benchmarks/gpu_check.py)
 GPU_PYTHON ?= python3
 .PHONY: gpu-check
 gpu-check:
 	@if [ -z "$(OUT)" ]; then echo "make gpu-check: OUT is required, e.g. make gpu-check OUT=gpu-report" >&2; exit 2; fi
-	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) benchmarks/gpu_check.py --out "$(OUT)"
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PYTHON) benchmarks/gpu_check.py --out "$(OUT)" \
+		$(if $(BUDGET),--budget-s $(BUDGET))
