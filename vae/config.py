@@ -140,6 +140,13 @@ class TrainConfig:
         """Images per optimizer update, all processes together."""
         return self.batch_size * self.grad_accum_steps
 
+    @property
+    def batch_description(self) -> str:
+        """The global batch as the run's first line shows it."""
+        if self.grad_accum_steps == 1:
+            return str(self.batch_size)
+        return f"{self.update_batch} ({self.grad_accum_steps} accumulated batches of {self.batch_size})"
+
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:

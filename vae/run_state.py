@@ -3,7 +3,8 @@
 
 A state saved at the end of an epoch says "start epoch e at batch 0"; one saved when a stop arrived mid-epoch says
 "epoch e, after `batches_done` batches", and carries what that epoch had summed so far (over all processes) and
-the settings that decide its batches, so the resumed epoch reports the loss of all its images.
+the settings that decide its batches, so the resumed epoch reports the loss of all its images. EpochResult is what
+one pass over an epoch's batches did (vae.training.train_one_epoch).
 """
 
 from __future__ import annotations
@@ -88,3 +89,23 @@ class RunState:
             self.best_loss, self.best_epoch = loss, row["epoch"]
         self.epoch, self.batches_done, self.so_far = row["epoch"] + 1, 0, EpochSoFar()
         return improved
+
+
+@dataclasses.dataclass
+class EpochResult:
+    """What train_one_epoch did, summed over all processes."""
+
+    stopped: bool  # a stop was requested: the epoch ended after `batches_done` batches
+    step: int
+    batches_done: int
+    loss_sum: float  # summed -ELBO of the epoch's images so far (including those before a mid-epoch resume)
+    seen: int  # how many images that is
+    trained_now: int = 0  # images trained by this start (fewer than seen when it resumed mid-epoch)
+    per_rank: list[int] = dataclasses.field(default_factory=list)  # the same, per process
+    data_wait_s: list[float] = dataclasses.field(default_factory=list)  # per process (vae.perf)
+    peak_memory_mb: list[float] = dataclasses.field(default_factory=list)  # per process
+    skipped: int = 0  # steps whose update was not applied (non-finite loss, fp16 overflow)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.seen

@@ -34,7 +34,7 @@ from .progress import ProgressReport
 from .rank_logs import start_rank_log
 from .resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr, resume_full_state
 from .run_dir import disk_full_error, full_state_bytes, prepare_run_dir, room_or_fail, space_needed
-from .run_state import EpochSoFar, RunState
+from .run_state import EpochResult, EpochSoFar, RunState
 from .step import (
     NonFiniteSteps,
     TrainStep,
@@ -213,14 +213,8 @@ def _write_run_files(loop: Loop, state: RunState) -> None:
     checkpoint.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
     loop.console.info(f"run directory {run_dir} | {accelerator.num_processes} process(es) on {accelerator.device} "
                       f"({accelerator.distributed_type}) | mixed precision {accelerator.mixed_precision} | "
-                      f"global batch {_global_batch(cfg.train)} | {len(data.train_images)} train / "
+                      f"global batch {cfg.train.batch_description} | {len(data.train_images)} train / "
                       f"{len(data.test_images)} test images" + (" | CUDA graph" if cfg.train.cuda_graph else ""))
-
-
-def _global_batch(train) -> str:
-    if train.grad_accum_steps == 1:
-        return str(train.batch_size)
-    return f"{train.update_batch} ({train.grad_accum_steps} accumulated batches of {train.batch_size})"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -250,26 +244,6 @@ def _run_epoch(loop: Loop, state: RunState) -> tuple[dict, dict | None]:
         if stopping and not last:
             leave_after_checkpoint(loop.stop, loop.accelerator, saved, f"the start of epoch {epoch + 1}")
     return evaluation, drawn
-
-
-@dataclasses.dataclass
-class EpochResult:
-    """What train_one_epoch did, summed over all processes."""
-
-    stopped: bool  # a stop was requested: the epoch ended after `batches_done` batches
-    step: int
-    batches_done: int
-    loss_sum: float  # summed -ELBO of the epoch's images so far (including those before a mid-epoch resume)
-    seen: int  # how many images that is
-    trained_now: int = 0  # images trained by this start (fewer than seen when it resumed mid-epoch)
-    per_rank: list[int] = dataclasses.field(default_factory=list)  # the same, per process
-    data_wait_s: list[float] = dataclasses.field(default_factory=list)  # per process (vae.perf)
-    peak_memory_mb: list[float] = dataclasses.field(default_factory=list)  # per process
-    skipped: int = 0  # steps whose update was not applied (non-finite loss, fp16 overflow)
-
-    @property
-    def mean_loss(self) -> float:
-        return self.loss_sum / self.seen
 
 
 def train_one_epoch(loop: Loop, state: RunState, bar) -> EpochResult:
