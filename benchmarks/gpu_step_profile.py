@@ -59,14 +59,15 @@ def _build(images: torch.Tensor, batch_size: int, cuda_graph: bool, compiled: bo
 
 
 def _kernel_table(prof, steps: int) -> tuple[float, float, list[dict]]:
-    """Device time per step, device operations (kernels, copies, sets) per step, and the 8 costliest."""
+    """Device time per step, device operations (kernels, copies, sets) per step, and the 8 costliest (a kernel
+    name keeps its template arguments: which functor a multi-tensor kernel runs is in them)."""
     device_ops = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     # key_averages counts a kernel under each enclosing op too; self time counts each once
     kernel_us = sum(e.self_device_time_total for e in prof.key_averages()) or \
         sum(e.device_time_total for e in device_ops)
     top = sorted(device_ops, key=lambda e: e.self_device_time_total, reverse=True)[:8]
     return (kernel_us / steps, sum(e.count for e in device_ops) / steps,
-            [{"name": e.key[:90], "us_per_step": e.self_device_time_total / steps, "per_step": e.count / steps}
+            [{"name": e.key[:200], "us_per_step": e.self_device_time_total / steps, "per_step": e.count / steps}
              for e in top])
 
 
