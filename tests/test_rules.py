@@ -451,3 +451,22 @@ def test_the_third_start_in_a_row_without_progress_is_not_requeued(tmp_path):
     last = json.loads((tmp_path / preemption.STARTS_FILE).read_text().splitlines()[-1])
     assert (last["event"], last["trained_steps"], last["requeued"]) == ("stop", 0, False)
     assert preemption.stops_without_progress(tmp_path) == 3
+
+
+def _stand_in_scontrol(folder, monkeypatch, body: str) -> None:
+    """A `scontrol` first on PATH: the race below cannot be timed on the test cluster."""
+    (folder / "scontrol").write_text(f'#!/bin/sh\n[ "$1 $2" = "requeue 42" ] || exit 3\n{body}\n')
+    (folder / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_a_requeue_is_reported_as_done_even_when_its_own_sigterm_reaches_scontrol_first(tmp_path, monkeypatch):
+    # scontrol runs inside the job, and the requeue SIGTERMs every process of the job: here before it exits.
+    _stand_in_scontrol(tmp_path, monkeypatch, "kill -TERM $$\nsleep 0.2\nexit 0")
+    assert preemption.requeue_slurm_job("42").startswith("requeued Slurm job 42;")
+
+
+def test_a_refused_requeue_says_why_and_to_resubmit(tmp_path, monkeypatch):
+    _stand_in_scontrol(tmp_path, monkeypatch, "echo 'Requested operation is presently disabled' >&2\nexit 1")
+    assert preemption.requeue_slurm_job("42") == ("could not requeue Slurm job 42 (Requested operation is presently "
+                                                  "disabled); resubmit it to resume")

@@ -117,10 +117,16 @@ def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or None
 
 
+# scontrol runs inside the job, so the requeue's own SIGTERM to every process of the job can reach it before it
+# exits: the job was requeued, but scontrol died (exit -15) and the run said it was not. It runs with TERM ignored
+# (a shell's `trap '' TERM` survives exec; nothing runs between fork and exec in this threaded process).
+REQUEUE_COMMAND = ("sh", "-c", "trap '' TERM; exec scontrol requeue \"$1\"", "requeue")
+
+
 def requeue_slurm_job(job_id: str) -> str:
     """Ask Slurm to put this job back in the queue; returns what happened, in words."""
     try:
-        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        result = subprocess.run([*REQUEUE_COMMAND, job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as e:
         return f"could not requeue Slurm job {job_id} ({e}); resubmit it to resume"
     if result.returncode != 0:
