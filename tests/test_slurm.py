@@ -179,7 +179,7 @@ INTERRUPTIONS = {
 
 
 @pytest.fixture(scope="module")
-def interrupted(slurm, tmp_path_factory, mnist_root):
+def interrupted(request, slurm, tmp_path_factory, mnist_root):
     def drive(name: str) -> dict:
         how = INTERRUPTIONS[name]
         tmp = tmp_path_factory.mktemp(name.replace(" ", "-"))
@@ -195,12 +195,16 @@ def interrupted(slurm, tmp_path_factory, mnist_root):
         assert records[0]["JobState"] == how.ends, f"job {job}: {records[0]}\n{output[-4000:]}"
         return {"job": job, "run": run, "record": records[0], "output": output}
 
-    with ThreadPoolExecutor(len(INTERRUPTIONS)) as pool:
-        futures = {name: pool.submit(drive, name) for name in INTERRUPTIONS}
+    # Only the jobs the selected tests read (their `interruption` marker): `pytest -k usr1` drives one, not all.
+    wanted = {marker.args[0] for item in request.session.items if item.module is request.module
+              for marker in item.iter_markers("interruption")}
+    with ThreadPoolExecutor(max(1, len(wanted))) as pool:
+        futures = {name: pool.submit(drive, name) for name in sorted(wanted)}
         wait(futures.values())
     return futures  # each test takes its own result (or failure) with .result()
 
 
+@pytest.mark.interruption("usr1")
 def test_usr1_checkpoints_requeues_and_resumes(interrupted):
     result = interrupted["usr1"].result()
     job, output = result["job"], result["output"]
@@ -213,6 +217,7 @@ def test_usr1_checkpoints_requeues_and_resumes(interrupted):
     assert_finished_run(result["run"], epochs=3)  # every epoch exactly once
 
 
+@pytest.mark.interruption("usr1")
 def test_usr1_finishes_the_wandb_run_before_the_requeue(interrupted):
     """The requeue SIGTERMs every process of the job, wandb's service too: the first start's W&B run must be
     marked preempted and finished before it, or its offline file keeps nothing of what it logged."""
@@ -227,6 +232,7 @@ def test_usr1_finishes_the_wandb_run_before_the_requeue(interrupted):
     assert max(second.steps) == 3 * 20000 // 50
 
 
+@pytest.mark.interruption("requeue")
 def test_scontrol_requeue_resumes_from_checkpoint(interrupted):
     result = interrupted["requeue"].result()
     output = result["output"]
@@ -237,6 +243,7 @@ def test_scontrol_requeue_resumes_from_checkpoint(interrupted):
     assert_finished_run(result["run"], epochs=3)
 
 
+@pytest.mark.interruption("usr2 2 processes")
 def test_usr2_on_two_processes_checkpoints_requeues_and_resumes(interrupted):
     result = interrupted["usr2 2 processes"].result()
     job, output = result["job"], result["output"]
@@ -250,6 +257,7 @@ def test_usr2_on_two_processes_checkpoints_requeues_and_resumes(interrupted):
     assert summary["num_processes"] == 2 and len(set(summary["param_checksum_per_rank"])) == 1
 
 
+@pytest.mark.interruption("scancel 2 processes")
 def test_scancel_of_two_processes_checkpoints_mid_epoch_and_exits(interrupted):
     """scancel sends TERM to every process of the job (the batch script passes one on too, and torchrun's agent
     would have sent a third): the ranks stop once, together, after a checkpoint the same command resumes."""
@@ -264,6 +272,7 @@ def test_scancel_of_two_processes_checkpoints_mid_epoch_and_exits(interrupted):
     assert newest["epoch"] == 2 and newest["batches_done"] > 0  # mid-epoch 2, where it was cancelled
 
 
+@pytest.mark.interruption("scancel wandb")
 def test_scancel_closes_the_wandb_run_as_preempted(interrupted):
     """scancel stops wandb's service together with the training (wandb #9963): the run's W&B history must still
     end closed, as preempted, and the same command continues it."""
