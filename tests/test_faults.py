@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -31,6 +32,8 @@ from .conftest import (
 pytestmark = pytest.mark.slow
 
 LONG = ["data.train_subset=20000", "train.epochs=3", "log.figures=false"]
+# The Slurm scripts' launcher for several processes (accelerate launch keeping the workers' exit code)
+VAE_LAUNCHER = [sys.executable, "-m", "vae.launcher", "--main_process_port", "0"]
 
 
 def test_a_second_training_in_the_same_run_directory_is_refused_while_the_first_runs(tmp_path, mnist_root):
@@ -175,9 +178,10 @@ def _stderr_lines(process: subprocess.Popen) -> list[tuple[float, str]]:
     return lines
 
 
-def _two_ranks_in_epoch_2(run_dir, mnist_root, *settings) -> tuple[subprocess.Popen, dict[int, int]]:
-    launcher = [*ACCELERATE_LAUNCH, "--multi_gpu", "--num_processes", "2"]
-    process = start(train_cmd(run_dir, mnist_root, "train.cpu=true", *LONG, *settings), launcher=launcher)
+def _two_ranks_in_epoch_2(run_dir, mnist_root, *settings, launcher=ACCELERATE_LAUNCH,
+                          ) -> tuple[subprocess.Popen, dict[int, int]]:
+    process = start(train_cmd(run_dir, mnist_root, "train.cpu=true", *LONG, *settings),
+                    launcher=[*launcher, "--multi_gpu", "--num_processes", "2"])
     # Epoch 1's full state complete: the stop poll at its end is past, so a signal from here on is handled inside
     # epoch 2 (its metrics row alone comes before the model files and that poll, which a loaded machine can take
     # longer than a moment over).
@@ -236,19 +240,25 @@ def test_a_second_sigterm_leaves_at_once_while_blocked_in_a_collective(tmp_path,
     assert complete_states(tmp_path / "r")  # epoch 1's checkpoint is still there
 
 
-def test_per_rank_logs_hold_what_each_process_said(tmp_path, mnist_root):
-    """log.per_rank_logs: a SIGTERM stops both processes mid-epoch 2. The shared output has rank 0's progress and
-    its stop line once; logs/rank-0.log the same; logs/rank-1.log rank 1's own stop line, which the shared output
-    leaves out (one line per node there)."""
+@pytest.mark.launcher
+def test_sigterm_to_rank_0_alone_stops_both_ranks_alike_and_each_rank_log_holds_its_own_line(tmp_path, mnist_root):
+    """Only rank 0 gets SIGTERM (a user's kill, a node's OOM handler): both processes agree to stop mid-epoch 2
+    and both stop for SIGTERM (same message, exit code 143), and vae.launcher, as the Slurm scripts run it, exits
+    143 in one line. With log.per_rank_logs, the shared output has rank 0's progress and its stop line once;
+    logs/rank-0.log the same; logs/rank-1.log rank 1's own stop line, which the shared output leaves out (one line
+    per node there)."""
     run_dir = tmp_path / "r"
-    process, _ = _two_ranks_in_epoch_2(run_dir, mnist_root, "log.per_rank_logs=true")
-    process.send_signal(signal.SIGTERM)  # the launcher passes it to both processes
+    process, ranks = _two_ranks_in_epoch_2(run_dir, mnist_root, "log.per_rank_logs=true", launcher=VAE_LAUNCHER)
+    os.kill(ranks[0], signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=180)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "FAILED" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "launcher: the training processes stopped as planned (exit code 143)"
     rank0, rank1 = ((run_dir / "logs" / f"rank-{r}.log").read_text() for r in (0, 1))
     assert "epoch   1  train/loss" in stdout and "epoch   1  train/loss" in rank0
     assert "error: stopped by SIGTERM at epoch 2" in stderr, stderr
     assert "error: stopped by SIGTERM at epoch 2" in rank0, rank0
-    assert "error: (process rank 1) stopped by SIGTERM at epoch 2" in rank1
+    assert "error: (process rank 1) stopped by SIGTERM at epoch 2" in rank1, rank1
     assert "(process rank 1)" not in stderr and "epoch   1" not in rank1
 
 

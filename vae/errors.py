@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from .exit_records import record_exit
+
 # What a collective (all-reduce, barrier) raises when another process of the launch has died: gloo's connection
 # is closed or reset, NCCL's communicator is aborted or its backend fails, the rendezvous store is gone. Any other
 # failure of a collective (a desync, a CUDA error) may be this process's own bug and keeps its traceback.
@@ -101,7 +103,9 @@ def exit_now(code: int) -> None:
     """Leave the process with `code` once its work is done and written: the atexit hooks run (W&B's teardown and
     temporary-file cleanup among them), output is flushed, then os._exit. Python's own shutdown would spend
     another one to three seconds tearing down torch's modules, with nothing left to save. Under a profiler or a
-    tracer (cProfile, coverage, a debugger), which write their results at exit, the exit is Python's own."""
+    tracer (cProfile, coverage, a debugger), which write their results at exit, the exit is Python's own. Under
+    vae.launcher the code is recorded first: the launcher's own exit code is decided from the records."""
+    record_exit(code)
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
     atexit._run_exitfuncs()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .errors import TrainingError
+from .exit_records import record_exit
 
 HANDLED = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 WARNINGS = ("SIGUSR1", "SIGUSR2")  # Slurm's notice before the end (--signal=B:USR1@180): checkpoint and requeue
@@ -35,7 +36,8 @@ SAME_TERM_S = 2.0
 
 class StopRequest:
     def __init__(self) -> None:
-        self.signal_name: str | None = None
+        self.signal_name: str | None = None  # the first signal this process got
+        self.agreed_signal: str | None = None  # with several processes: the stop's signal, the same on each
         self._previous: dict[int, object] = {}
         self._wakeup: tuple[int, int] | None = None  # the pipe the second-SIGTERM watcher reads
 
@@ -64,7 +66,8 @@ class StopRequest:
 
     def agreed(self, accelerator, step: int, every_step: bool = False, warnings_only: bool = False) -> bool:
         """True on every process once any of them was asked to stop (with several processes checked every
-        POLL_STEPS steps, through a small all-reduce); warnings_only: asked by Slurm's warning signal."""
+        POLL_STEPS steps, through a small all-gather); warnings_only: asked by Slurm's warning signal. The stop
+        then carries one signal on every process (stop_signal): the first asked process's, by rank order."""
         requested = self.signal_name in WARNINGS if warnings_only else self.requested
         if accelerator.num_processes == 1:
             return requested
@@ -72,8 +75,17 @@ class StopRequest:
             return False
         import torch  # here, not above: the Slurm scripts read this module's records without loading torch
 
-        flag = torch.tensor([1.0 if requested else 0.0], device=accelerator.device)
-        return accelerator.reduce(flag, reduction="sum").item() > 0
+        mine = HANDLED.index(self.signal_name) + 1 if requested else 0  # 0: not asked
+        said = accelerator.gather(torch.tensor([mine], device=accelerator.device)).tolist()
+        first = next((code for code in said if code), 0)
+        if first:
+            self.agreed_signal = HANDLED[first - 1]
+        return first > 0
+
+    @property
+    def stop_signal(self) -> str | None:
+        """The signal this process stops for: the one all processes agreed on, else its own."""
+        return self.agreed_signal or self.signal_name
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -109,6 +121,7 @@ def _leave_at_once() -> None:
     print(f"error: (process rank {os.environ.get('RANK', '0')}) a second SIGTERM: leaving at once without a "
           f"checkpoint; the newest complete one is kept, and the same command resumes from it", file=sys.stderr,
           flush=True)
+    record_exit(EXIT_CODES["SIGTERM"])
     os._exit(EXIT_CODES["SIGTERM"])
 
 
@@ -229,13 +242,14 @@ def leave_after_checkpoint(stop: StopRequest, accelerator, saved: Path | None, w
     before the first step, with nothing new to save): raise StoppedToResume. Under Slurm, the warning signal
     (SIGUSR1 or SIGUSR2) asks the main process to requeue the job (StoppedToResume.settle, called by the
     training once W&B is finished)."""
-    message = f"stopped by {stop.signal_name} at {where}; " + (f"saved {saved}" if saved else "nothing new to save")
+    signal_name = stop.stop_signal
+    message = f"stopped by {signal_name} at {where}; " + (f"saved {saved}" if saved else "nothing new to save")
     job, requeue_job = slurm_job_id(), None
-    if stop.signal_name in WARNINGS and job:
+    if signal_name in WARNINGS and job:
         requeue_job = job if accelerator.is_main_process else None
     elif job:  # SIGTERM from Slurm: scancel, preemption, a time limit, or its own requeue
         message += "; if Slurm requeues the job it resumes from here, else submit the same command again"
     else:
         message += "; run the same command again to resume"
     accelerator.wait_for_everyone()
-    raise StoppedToResume(message, stop.signal_name, where, requeue_job)
+    raise StoppedToResume(message, signal_name, where, requeue_job)

@@ -100,7 +100,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         while state.epoch <= cfg.train.epochs and not state.stops_early(cfg.train.early_stop_patience):
             evaluation, drawn = _run_epoch(loop, state)
     except BaseException as error:
-        loop.tracker.interrupted(preempted=stop.signal_name in (*WARNINGS, "SIGTERM"),  # Slurm resumes it
+        loop.tracker.interrupted(preempted=stop.stop_signal in (*WARNINGS, "SIGTERM"),  # Slurm resumes it
                                  exit_code=getattr(error, "exit_code", 1))
         if isinstance(error, StoppedToResume):  # after W&B has finished: a requeue SIGTERMs the whole job
             error.settle(cfg.run_dir, state.step - first_step, accelerator.is_main_process)
