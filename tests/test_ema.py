@@ -1,10 +1,15 @@
 """train.ema_decay's average of the weights, in process: its arithmetic, its state, and the resume rule."""
 
+import contextlib
+import pathlib
+
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from vae.config import ConfigError, dump_yaml, load_config
-from vae.ema import WeightAverage
+from vae.ema import EMA_FILE, WeightAverage, weight_average
 from vae.errors import TrainingError
 from vae.resume import check_resumable
 
@@ -27,16 +32,55 @@ def test_the_average_follows_the_warmed_up_decay_and_leaves_the_trained_weights_
     assert not any(p.requires_grad for p in average.module.parameters())
 
 
-def test_the_state_round_trips_with_its_update_count():
+@pytest.fixture
+def accelerator():
+    accelerator = Accelerator(cpu=True)
+    yield accelerator
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _averaged(accelerator, updates: int):
     model = torch.nn.Linear(3, 2)
-    average = WeightAverage(model, decay=0.99)
-    for _ in range(5):
+    average = weight_average(model, 0.99, accelerator)
+    for _ in range(updates):
+        with torch.no_grad():
+            model.weight.add_(1.0)
         average.update()
-    restored = WeightAverage(torch.nn.Linear(3, 2), decay=0.99)
-    restored.load_state_dict(average.state_dict())
-    assert restored.updates == 5
-    assert all(torch.equal(a, b) for a, b in zip(restored.module.parameters(), average.module.parameters(),
-                                                  strict=True))
+    return accelerator.prepare(model), average
+
+
+def test_the_average_is_saved_and_resumed_as_tensors_with_accelerates_state(tmp_path, accelerator):
+    model, average = _averaged(accelerator, updates=5)
+    accelerator.save_state(str(tmp_path))
+    assert (tmp_path / EMA_FILE).is_file() and not list(tmp_path.glob("custom_checkpoint_*"))
+    saved = [p.clone() for p in average.module.parameters()]
+    with torch.no_grad():
+        for p in average.module.parameters():
+            p.zero_()
+    average.updates = 0
+    accelerator.load_state(str(tmp_path))
+    assert average.updates == 5
+    assert all(torch.equal(a, b) for a, b in zip(average.module.parameters(), saved, strict=True))
+
+
+class Planted:
+    """A pickle that runs code when loaded: here it only creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def test_a_pickle_planted_in_a_state_is_never_unpickled_on_resume(tmp_path, accelerator):
+    _averaged(accelerator, updates=2)
+    accelerator.save_state(str(tmp_path))
+    marker = tmp_path / "the-pickle-ran"
+    torch.save(Planted(marker), tmp_path / "custom_checkpoint_0.pkl")  # where Accelerate keeps extra objects
+    with contextlib.suppress(Exception):  # refused, or loaded without it: either way its code never runs
+        accelerator.load_state(str(tmp_path))
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("before, after, message", [

@@ -4,18 +4,26 @@ After update t, ema = d * ema + (1 - d) * weights with d = min(train.ema_decay, 
 TensorFlow's ExponentialMovingAverage, so that the first epochs' average is not mostly the random initial weights
 (at 0.999 the warm-up lasts about 9,000 updates). One fused lerp over all parameters on their device, as timm's
 ModelEmaV3 does; torch's AveragedModel would compare a step-count tensor on every update, a device sync per step on
-a GPU, where this never reads anything back. The average is part of every full state (registered with
-Accelerate's checkpointing: a resumed run goes on with the same average), it is scored on the test set beside the
-trained weights (val_ema/*), and it is what last.pt and best.pt hold when on.
+a GPU, where this never reads anything back. The average is part of every full state (ema.safetensors, written and read
+by Accelerate's save/load hooks: a resumed run goes on with the same average), it is scored on the test set beside
+the trained weights (val_ema/*), and it is what last.pt and best.pt hold when on. Tensors only: Accelerate's own
+way for extra objects (register_for_checkpointing) unpickles custom_checkpoint_0.pkl with weights_only=False, so
+a pickle planted in a run directory would run its code when the run resumed.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import HarnessError
 
 WARMUP = 10  # d = (1 + t) / (WARMUP + t) until that reaches train.ema_decay
+EMA_FILE = "ema.safetensors"  # in each full state: the averaged weights; its metadata, the update count
 
 
 class WeightAverage:
@@ -31,13 +39,21 @@ class WeightAverage:
         decay = min(self.decay, self.updates / (WARMUP - 1 + self.updates))
         torch._foreach_lerp_(self._averaged, self._trained, 1.0 - decay)
 
-    # Accelerate's save_state / load_state call these for objects registered for checkpointing.
-    def state_dict(self) -> dict:
-        return {"weights": self.module.state_dict(), "updates": self.updates}
+    # Accelerate's save_state / load_state call these before their own files (register_*_state_pre_hook).
+    def save_into(self, directory: str | Path) -> None:
+        weights = {name: tensor.detach().contiguous() for name, tensor in self.module.state_dict().items()}
+        save_file(weights, str(Path(directory) / EMA_FILE), metadata={"updates": str(self.updates)})
 
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["weights"])
-        self.updates = int(state["updates"])
+    def load_from(self, directory: str | Path) -> None:
+        path = Path(directory) / EMA_FILE
+        if not path.is_file():
+            raise HarnessError(f"{directory} holds no {EMA_FILE} (saved without train.ema_decay, or by a version "
+                               f"that pickled the average, which is not loaded: a pickle can run code)")
+        with safe_open(str(path), framework="pt", device="cpu") as tensors:
+            weights = {name: tensors.get_tensor(name) for name in tensors.keys()}
+            updates = int((tensors.metadata() or {}).get("updates", "0"))
+        self.module.load_state_dict(weights)
+        self.updates = updates
 
 
 def weight_average(model: torch.nn.Module, decay: float | None, accelerator) -> WeightAverage | None:
@@ -46,5 +62,11 @@ def weight_average(model: torch.nn.Module, decay: float | None, accelerator) -> 
     if decay is None:
         return None
     average = WeightAverage(model, decay)
-    accelerator.register_for_checkpointing(average)
+
+    def save(models, weights, directory) -> None:
+        if accelerator.is_main_process:  # the same average on every process: one file
+            average.save_into(directory)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(lambda models, directory: average.load_from(directory))
     return average
