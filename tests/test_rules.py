@@ -169,6 +169,34 @@ def test_resume_skips_a_damaged_newest_state_for_the_older_one_and_warns(tmp_pat
     assert "resuming" in out and "step_00000020" in out
 
 
+def test_a_damaged_state_is_set_aside_so_pruning_keeps_the_newest_loadable_one(tmp_path, prepared):
+    """keep_checkpoints=2 kept steps 40 and 80; 80 is damaged; the run resumes from 40, stops at step 50 and
+    saves it with keep_checkpoints=1: step 50 must be what is kept (not 80, the highest number), and the damaged
+    state is renamed, not deleted."""
+    accelerator, model = prepared
+    for step in (40, 80):
+        _save_full_state(accelerator, model, tmp_path, RunState(epoch=step // 40 + 1, step=step))
+    damaged = checkpoint.state_dir(tmp_path, 80)
+    _truncate(damaged / "model.safetensors")
+    assert resume_full_state(accelerator, tmp_path, Config(), RunConsole(enabled=False)).step == 40
+    assert [step for step, _ in checkpoint.complete_states(tmp_path)] == [40]
+    assert (damaged.parent / "step_00000080.unloadable").is_dir()
+    mid_epoch = RunState(epoch=2, step=50)
+    mid_epoch.stopped_at(10, 1000.0, 500, {"order": "epoch-batches-1"})
+    _save_full_state(accelerator, model, tmp_path, mid_epoch)
+    checkpoint.prune_states(tmp_path, keep=1, saved=checkpoint.state_dir(tmp_path, 50))
+    assert [step for step, _ in checkpoint.complete_states(tmp_path)] == [50]
+    assert resume_full_state(accelerator, tmp_path, Config(), RunConsole(enabled=False)).step == 50
+
+
+def test_pruning_never_deletes_the_state_just_saved_even_below_an_older_runs_steps(tmp_path, prepared):
+    accelerator, model = prepared
+    for step in (80, 50):  # 80 left by an earlier start; 50 saved now, after a resume from an older state
+        _save_full_state(accelerator, model, tmp_path, RunState(epoch=2, step=step))
+    checkpoint.prune_states(tmp_path, keep=1, saved=checkpoint.state_dir(tmp_path, 50))
+    assert [step for step, _ in checkpoint.complete_states(tmp_path)] == [50]
+
+
 def test_resume_raises_naming_the_run_dir_when_no_state_loads(tmp_path, prepared):
     accelerator, model = prepared
     for step in (20, 30):

@@ -232,11 +232,15 @@ def commit_state(run_dir: Path, step: int, trainer_state: dict) -> Path:
     return final
 
 
-def prune_states(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete states, and leftovers of interrupted saves."""
+def prune_states(run_dir: Path, keep: int, saved: Path | None = None) -> list[Path]:
+    """Delete all but the newest `keep` complete states, and leftovers of interrupted saves. `saved`, the state
+    just written, is always one of those kept: it may have a lower step than an older run's states (a resume
+    from an earlier state re-trains those steps), and it is the one known to load."""
     removed = []
-    states = complete_states(run_dir)
-    for _, directory in states[:-keep] if keep > 0 else states:
+    states = [directory for _, directory in complete_states(run_dir)]
+    if saved in states:  # counted as the newest
+        states = [directory for directory in states if directory != saved] + [saved]
+    for directory in states[:-keep] if keep > 0 else states:
         shutil.rmtree(directory, ignore_errors=True)
         removed.append(directory)
     root = Path(run_dir) / "checkpoints"
@@ -245,6 +249,18 @@ def prune_states(run_dir: Path, keep: int) -> list[Path]:
             if child.name.startswith(".step_") and child.name.endswith(".partial"):
                 shutil.rmtree(child, ignore_errors=True)
     return removed
+
+
+def set_aside(directory: Path) -> Path:
+    """Rename a full state that failed to load to `<name>.unloadable` (a numbered name if taken): no longer a
+    state to resume from or to count as the newest when pruning, and still there for a person to look at."""
+    target = directory.with_name(f"{directory.name}.unloadable")
+    number = 1
+    while target.exists():
+        number += 1
+        target = directory.with_name(f"{directory.name}.unloadable-{number}")
+    os.replace(directory, target)
+    return target
 
 
 def save_full_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict, keep: int,
@@ -278,7 +294,6 @@ def save_full_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict
             f"process rank {rank}: {reason}" for rank, reason in enumerate(reasons) if reason))
     if accelerator.is_main_process:
         follow_umask(unfinished)
-        commit_state(run_dir, step, trainer_state)
-        prune_states(run_dir, keep)
+        prune_states(run_dir, keep, saved=commit_state(run_dir, step, trainer_state))
     accelerator.wait_for_everyone()
     return state_dir(run_dir, step)

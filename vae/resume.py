@@ -148,7 +148,8 @@ def resume_full_state(accelerator: Accelerator, run_dir: Path, cfg: Config, cons
                                     f"{_changed_settings(run_dir, cfg)}: resume with the settings it was saved "
                                     f"with, or pass a new run.dir=...")
             failures.append(f"{directory.name}: {problems[0]}")
-            console.warn(f"cannot resume from {directory} ({problems[0]}); trying an older checkpoint")
+            console.warn(f"cannot resume from {directory} ({problems[0]}); {_set_aside(accelerator, directory)}; "
+                         f"trying an older checkpoint")
             continue
         _same_noise_on_every_rank(accelerator)
         state = RunState.from_trainer_state(checkpoint.read_trainer_state(directory))
@@ -158,6 +159,20 @@ def resume_full_state(accelerator: Accelerator, run_dir: Path, cfg: Config, cons
         return state
     raise TrainingError(f"no checkpoint in {run_dir} could be loaded ({'; '.join(failures)}); pass a new "
                         f"run.dir=... or train.resume=false to start over")
+
+
+def _set_aside(accelerator: Accelerator, directory: Path) -> str:
+    """A state that failed to load is renamed by the main process (once every process has tried it), so that it
+    is no longer taken for the newest state: pruning after the next save would keep it and delete good ones."""
+    accelerator.wait_for_everyone()
+    said = None
+    if accelerator.is_main_process:
+        try:
+            said = f"set aside as {checkpoint.set_aside(directory).name}"
+        except OSError as e:
+            said = f"could not set it aside ({first_line(e)})"
+    accelerator.wait_for_everyone()
+    return said or "set aside"
 
 
 def _load(accelerator: Accelerator, directory: Path, console: RunConsole) -> str | None:
