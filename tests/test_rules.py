@@ -498,3 +498,54 @@ def test_a_refused_requeue_says_why_and_to_resubmit(tmp_path, monkeypatch):
     _stand_in_scontrol(tmp_path, monkeypatch, "echo 'Requested operation is presently disabled' >&2\nexit 1")
     assert preemption.requeue_slurm_job("42") == ("could not requeue Slurm job 42 (Requested operation is presently "
                                                   "disabled); resubmit it to resume")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nothing is written through a symbolic link planted in a run directory
+
+
+def _append_metrics_row(directory):
+    from vae.files import open_append
+
+    with open_append(directory / "metrics.jsonl") as f:  # as each epoch's row is added
+        f.write(b"{}\n")
+
+
+def _save_png(directory):
+    from matplotlib.figure import Figure
+
+    from vae.plots import save
+
+    save(Figure(figsize=(1, 1)), directory / "loss.png")
+
+
+APPENDS = {".lock": lambda d: run_dir.RunDirLock(d).acquire(), "starts.jsonl": preemption.record_start,
+           "metrics.jsonl": _append_metrics_row}
+REPLACES = {"config.yaml": lambda d: checkpoint.atomic_write_text(d / "config.yaml", "a: 1\n"),
+            "loss.png": _save_png}
+
+
+@pytest.mark.parametrize("name", APPENDS)
+def test_a_file_written_in_place_refuses_a_symlink_in_one_line_and_leaves_its_target_alone(tmp_path, name):
+    victim = tmp_path / "someone-elses-file.txt"
+    victim.write_text("their data\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).symlink_to(victim)
+    with pytest.raises(TrainingError, match=f"{run / name} is a symbolic link .*remove the link"):
+        APPENDS[name](run)
+    assert victim.read_text() == "their data\n"
+
+
+@pytest.mark.parametrize("name", REPLACES)
+def test_a_file_written_atomically_replaces_a_symlink_and_leaves_its_target_alone(tmp_path, name):
+    victim = tmp_path / "someone-elses-file.txt"
+    victim.write_text("their data\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).symlink_to(victim)
+    tmp_name = f".{name}.tmp-{os.getpid()}" if name != "loss.png" else f".loss.tmp-{os.getpid()}.png"
+    (run / tmp_name).symlink_to(victim)  # the temporary name is predictable: planted too
+    REPLACES[name](run)
+    assert victim.read_text() == "their data\n"
+    assert not (run / name).is_symlink() and (run / name).stat().st_size > 0

@@ -31,6 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from .errors import HarnessError, TrainingError, first_line
+from .files import create_new
 
 FORMAT_VERSION = 1
 KIND = "vae-mnist-model"
@@ -91,7 +92,8 @@ def atomic_write_bytes(path: Path, write) -> None:
     write(buffer)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with tmp.open("wb") as f:
+        tmp.unlink(missing_ok=True)  # a leftover of a killed process with this pid (or a link: removed, not followed)
+        with create_new(tmp) as f:
             f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())

@@ -5,11 +5,14 @@ Uses matplotlib's object API (no pyplot), so nothing depends on a display or a g
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from .files import create_new
 
 DIGIT_COLORS = "tab10"
 
@@ -118,8 +121,10 @@ def latent_scatter(latents: torch.Tensor, labels: torch.Tensor) -> Figure:
 def save(fig: Figure, path: Path, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp.unlink(missing_ok=True)  # a leftover, or a link: removed, never written through (vae.files)
+    with create_new(tmp) as f:
+        fig.savefig(f, dpi=dpi, format=path.suffix.lstrip("."))
     tmp.replace(path)
     return path
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .errors import TrainingError
 from .exit_records import record_exit
+from .files import open_append
 
 HANDLED = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 WARNINGS = ("SIGUSR1", "SIGUSR2")  # Slurm's notice before the end (--signal=B:USR1@180): checkpoint and requeue
@@ -162,8 +163,8 @@ def record_start(run_dir: Path) -> None:
 
 
 def _append(run_dir: Path, record: dict) -> None:
-    with open(Path(run_dir) / STARTS_FILE, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    with open_append(Path(run_dir) / STARTS_FILE) as f:
+        f.write((json.dumps(record) + "\n").encode())
 
 
 def read_starts(run_dir: Path) -> list[dict]:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_write_text
+
 WARMUP_STEPS = 5  # the first steps pay for allocations and, on a GPU, kernel selection: not what a profile is for
 TOP_OPERATORS = 25
 
@@ -46,9 +48,12 @@ class StepProfiler:
 
     def _write(self, profile) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        profile.export_chrome_trace(str(self.folder / "trace.json"))
+        trace = self.folder / f".trace.json.tmp-{os.getpid()}"
+        trace.unlink(missing_ok=True)  # torch writes the trace by name: never through a link left there (vae.files)
+        profile.export_chrome_trace(str(trace))
+        trace.replace(self.folder / "trace.json")
         table = profile.key_averages().table(sort_by=self.sort_by, row_limit=TOP_OPERATORS)
-        (self.folder / "top_ops.txt").write_text(table + "\n")
+        atomic_write_text(self.folder / "top_ops.txt", table + "\n")
         self.console.info(f"profile of {self.steps} steps after {WARMUP_STEPS} of warm-up: "
                           f"{self.folder / 'trace.json'} (open it in https://ui.perfetto.dev); the top operators, "
                           f"also in {self.folder / 'top_ops.txt'}:")

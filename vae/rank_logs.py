@@ -16,13 +16,15 @@ import sys
 import threading
 from pathlib import Path
 
+from .files import open_append
+
 
 class RankLog:
     """Copies everything written to stdout and stderr into `path` too (appending: a resumed run adds to it)."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "ab", buffering=0)  # held open for the life of the process
+        self.file = open_append(path)  # held open for the life of the process
         self.lock = threading.Lock()
         self.streams: list[tuple[int, int, threading.Thread]] = []  # (fd, its original, the copying thread)
         for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):

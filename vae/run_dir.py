@@ -19,6 +19,7 @@ from . import checkpoint
 from .config import Config
 from .console import RunConsole
 from .errors import TrainingError
+from .files import open_fd
 
 
 def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
@@ -43,7 +44,7 @@ class RunDirLock:
         self.run_dir, self.fd = run_dir, None
 
     def acquire(self) -> RunDirLock:
-        fd = os.open(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_fd(self.run_dir / ".lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -26,6 +26,7 @@ from .console import RunConsole
 from .data import TrainingData, load_training_data
 from .ema import WeightAverage, weight_average
 from .evaluation import evaluate_test_set
+from .files import open_append
 from .launch import check_training_launch, cpu_threads, environment_info, make_accelerator
 from .model import VAE
 from .preemption import WARNINGS, StoppedToResume, StopRequest, leave_after_checkpoint, record_start
@@ -328,8 +329,8 @@ def _report_epoch(loop: Loop, row: dict, evaluation: dict, improved: bool) -> di
     `epoch`; every log.images_every_epochs epochs the figures and the latent table; the model file as an artifact
     when asked. Returns the figures when they were drawn (the last epoch's are kept for the PNGs)."""
     cfg, epoch, tracker = loop.cfg, row["epoch"], loop.tracker
-    with (cfg.run_dir / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
+    with open_append(cfg.run_dir / "metrics.jsonl") as f:
+        f.write((json.dumps(row) + "\n").encode())
     loop.console.epoch_line(row)
     metrics = {k: v for k, v in row.items() if isinstance(v, (int, float))}
     weights = "ema" if loop.ema is not None else "trained"
