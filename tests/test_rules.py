@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -549,3 +550,61 @@ def test_a_file_written_atomically_replaces_a_symlink_and_leaves_its_target_alon
     REPLACES[name](run)
     assert victim.read_text() == "their data\n"
     assert not (run / name).is_symlink() and (run / name).stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Only a run directory is ever moved aside (train.resume=false)
+
+
+DEBUG_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "debug.yaml"
+
+
+def _a_finished_run(directory):
+    directory.mkdir(parents=True)
+    for name, text in (("config.yaml", "model: {}\n"), (run_dir.RUN_MARKER, ""), ("metrics.jsonl", "{}\n")):
+        (directory / name).write_text(text)
+
+
+def _start_afresh(path, prepared):
+    from vae.config import load_config
+
+    cfg = load_config(str(DEBUG_CONFIG), [f"run.dir={path}", "train.resume=false"])
+    resume, lock = run_dir.prepare_run_dir(cfg, prepared[0], RunConsole(enabled=False))
+    lock.release()
+    return resume
+
+
+def test_resume_false_through_a_symlinked_run_dir_moves_its_target_and_keeps_the_link(tmp_path, prepared):
+    scratch, link = tmp_path / "scratch" / "run", tmp_path / "run"
+    _a_finished_run(scratch)
+    link.symlink_to(scratch)
+    assert _start_afresh(link, prepared) is False
+    assert link.is_symlink() and link.resolve() == scratch  # still pointing at the scratch disk
+    assert (scratch / run_dir.RUN_MARKER).is_file() and not (scratch / "metrics.jsonl").exists()
+    moved = [p for p in scratch.parent.iterdir() if p.name.startswith("run.old-")]
+    assert len(moved) == 1 and (moved[0] / "metrics.jsonl").is_file()
+
+
+def test_resume_false_never_moves_the_directory_it_runs_from(tmp_path, prepared, monkeypatch):
+    _a_finished_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "run")
+    with pytest.raises(TrainingError, match="holds the current directory; run from another directory"):
+        _start_afresh(".", prepared)
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and sorted(os.listdir(tmp_path)) == ["run"]
+
+
+@pytest.mark.parametrize("resume", ["true", "false"])
+def test_a_folder_of_the_users_is_refused_as_a_run_dir_before_anything_is_written(tmp_path, resume):
+    from vae.config import load_config
+
+    folder = tmp_path / "Documents"
+    folder.mkdir()
+    for name in ("config.yaml", "summary.json", "thesis.txt"):
+        (folder / name).write_text(f"the user's {name}\n")
+    cfg = load_config("configs/debug.yaml", [f"run.dir={folder}", f"train.resume={resume}"])
+    with pytest.raises(TrainingError, match=f"run.dir {folder} holds files but is not a run directory"):
+        run_dir.check_run_dir(cfg.run_dir)
+    assert sorted(os.listdir(folder)) == ["config.yaml", "summary.json", "thesis.txt"]
+    run_dir.check_run_dir(tmp_path / "new")  # new, empty or a run: fine
+    _a_finished_run(tmp_path / "a-run")
+    run_dir.check_run_dir(tmp_path / "a-run")

@@ -64,27 +64,64 @@ class RunDirLock:
             self.fd = None
 
 
-def _holds_a_run(run_dir: Path) -> bool:
-    return any(not path.name.startswith((".lock", ".write-test-")) for path in run_dir.iterdir())
+# Written into a run directory at its first start. Only a directory holding it (or, made before it existed, a
+# run's config.yaml and starts.jsonl) is ever resumed, written over or moved aside: run.dir=. or ~/Documents by
+# mistake must not replace a user's own config.yaml, summary.json or loss.png, nor move their files away.
+RUN_MARKER = ".vae-run"
+_NOT_CONTENT = (".lock", ".write-test-", RUN_MARKER)  # the harness's own bookkeeping
+
+
+def is_a_run(run_dir: Path) -> bool:
+    return (run_dir / RUN_MARKER).is_file() or all((run_dir / name).is_file() for name in ("config.yaml",
+                                                                                          "starts.jsonl"))
+
+
+def _holds_anything(run_dir: Path) -> bool:
+    return any(not path.name.startswith(_NOT_CONTENT) for path in run_dir.iterdir())
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Every process, before anything is written: run.dir is new, empty, or a run directory of this harness."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"run.dir {run_dir} is not a directory; pass run.dir=<a new or empty directory, or a "
+                            f"run's>")
+    if run_dir.is_dir() and not is_a_run(run_dir) and _holds_anything(run_dir):
+        raise TrainingError(f"run.dir {run_dir} holds files but is not a run directory (no {RUN_MARKER}): a "
+                            f"training would write over them (config.yaml, summary.json, the PNGs); pass "
+                            f"run.dir=<a new or empty directory>")
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) -> tuple[bool, RunDirLock | None]:
     """The main process makes sure the run directory is writable, takes its lock (a second training there stops
-    here, before touching anything) and, with train.resume=false, moves an old run aside. Returns, on every
-    process, whether to resume, and the lock (the main process's; None elsewhere)."""
+    here, before touching anything), marks it as a run and, with train.resume=false, moves an old run aside.
+    Returns, on every process, whether to resume, and the lock (the main process's; None elsewhere)."""
     run_dir, lock = cfg.run_dir, None
     if accelerator.is_main_process:
         writable_or_fail(run_dir)
         lock = RunDirLock(run_dir).acquire()
-        if not cfg.train.resume and _holds_a_run(run_dir):
-            moved = run_dir.with_name(f"{run_dir.name}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
-            run_dir.rename(moved)  # the lock file goes along, still held, until the new directory's is taken
-            writable_or_fail(run_dir)
+        if not cfg.train.resume and is_a_run(run_dir) and _holds_anything(run_dir):
+            moved = _move_aside(run_dir)
             old, lock = lock, RunDirLock(run_dir).acquire()
             old.release()
             console.info(f"train.resume=false: moved the previous run to {moved}")
+        (run_dir / RUN_MARKER).touch()
     accelerator.wait_for_everyone()
     return bool(checkpoint.complete_states(run_dir)) and cfg.train.resume, lock
+
+
+def _move_aside(run_dir: Path) -> Path:
+    """Rename a run directory to <name>.old-<time> beside it and make a new one in its place. Where run.dir is a
+    symbolic link (to scratch storage, say), the directory it points to is the one moved and made anew: the link
+    keeps pointing where it did. The directory a user runs from (run.dir=.) cannot be moved from under them."""
+    real = run_dir.resolve()
+    if real == Path.cwd().resolve() or real in Path.cwd().resolve().parents:
+        raise TrainingError(f"train.resume=false would move the run in {run_dir} aside, but it holds the current "
+                            f"directory; run from another directory, or pass run.dir=<a new directory>")
+    moved = real.with_name(f"{real.name}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    real.rename(moved)  # the lock file goes along, still held, until the new directory's is taken
+    real.mkdir()
+    writable_or_fail(run_dir)
+    return moved
 
 
 ROOM_FOR_LOGS_AND_FIGURES = 32 * 2**20  # metrics, PNGs, W&B's run files: a z2 run writes about 5 MiB of them
