@@ -113,9 +113,27 @@ def test_a_bare_no_is_the_mixed_precision_setting_not_false(tmp_path):
     assert load_config(path).train.mixed_precision == "no"
 
 
-def test_parse_override_reads_yaml_values():
-    assert parse_override("model.hidden=[1, 2]") == ("model.hidden", [1, 2])
-    assert parse_override("train.mixed_precision=null") == ("train.mixed_precision", None)
+def test_overrides_are_read_by_their_keys_type():
+    cfg = load_config(REPO / "configs/debug.yaml", ["model.hidden=[1, 2]", "train.mixed_precision=null",
+                                                    "train.lr=1e-3", "train.resume=false", 'log.tags=["a, b", c]',
+                                                    "train.epochs=1_000", "train.num_threads=null"])
+    assert (cfg.model.hidden, cfg.train.mixed_precision, cfg.train.lr) == ((1, 2), None, 1e-3)
+    assert (cfg.train.resume, cfg.log.tags, cfg.train.epochs, cfg.train.num_threads) == (False, ("a, b", "c"),
+                                                                                          1000, None)
+    assert parse_override("train.lr=3e-4") == ("train.lr", "3e-4")  # text until the key's type reads it
+
+
+@pytest.mark.parametrize("text", ["0123", "12:30", "007", "1_000", "0x10", "1.10", "/tmp/my #1 run", "yes", "1e3"])
+def test_a_string_key_takes_the_override_text_exactly_as_typed(text):
+    cfg = load_config(REPO / "configs/debug.yaml", [f"run.dir={text}", f"run.name={text}", f"log.group={text}"])
+    assert (cfg.run.dir, cfg.run.name, cfg.log.group) == (text, text, text)
+
+
+@pytest.mark.parametrize("override", ["train.epochs=0x10", "train.epochs=1.5", "train.epochs=12:30",
+                                      "train.resume=maybe"])
+def test_a_number_or_switch_that_would_lose_something_is_refused_naming_the_key(override):
+    with pytest.raises(ConfigError, match=f"^{override.split('=')[0]}: must be"):
+        load_config(REPO / "configs/debug.yaml", [override])
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -7,8 +7,10 @@ what differs from the defaults below. Every problem (unknown key, wrong type, im
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -270,6 +272,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting only where the conversion loses nothing."""
+    if isinstance(value, OverrideText):
+        value = _read_override(value, tp)
     origin = typing.get_origin(tp)
     wrong = ConfigError(f"{key}: must be {_type_name(tp)} (got {value!r})")
     if origin in (typing.Union, types.UnionType):
@@ -373,17 +377,48 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class OverrideText(str):
+    """An override's value as typed, read by its key's type when the config is built (_read_override)."""
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """`train.lr=3e-4` -> ("train.lr", 3e-4). The value is read as YAML, so `[512, 256]`, `true`, `null` work."""
+    """`train.lr=3e-4` -> ("train.lr", OverrideText("3e-4")), read as a number since train.lr is one."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"override '{text}': expected key=value, e.g. train.epochs=5")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw  # keep it as a string; the type check names the key if a string is not allowed
-    return key, value
+    return key, OverrideText(raw)
+
+
+NULL_TEXT = ("null", "Null", "NULL", "~")
+BOOL_TEXT = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+INTEGER_TEXT = re.compile(r"[+-]?\d+(_\d+)*")
+
+
+def _read_override(text: str, tp: Any) -> Any:
+    """An override's text read by its key's type, losing nothing: a string key takes the text as it is. (Read as
+    YAML 1.1, run.dir=0123 became 83, run.name=12:30 750, 007 7, and `run.dir=/tmp/my #1 run` lost ` #1 run` as a
+    comment.) Text that does not fit the type is passed on as text, for _coerce to refuse naming the key."""
+    origin, stripped = typing.get_origin(tp), text.strip()
+    if origin in (typing.Union, types.UnionType):
+        if stripped in NULL_TEXT:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _read_override(text, inner)
+    if origin is tuple and stripped.startswith("[") and stripped.endswith("]"):
+        # csv: an item may be quoted ("a, b" is one), as in YAML's flow lists
+        items = next(csv.reader([stripped[1:-1]], skipinitialspace=True)) if stripped[1:-1].strip() else []
+        return [_read_override(item.strip(), typing.get_args(tp)[0]) for item in items]
+    if tp is bool:
+        return BOOL_TEXT.get(stripped.lower(), str(text))
+    if tp is int and INTEGER_TEXT.fullmatch(stripped):
+        return int(stripped)
+    if tp is float:
+        try:
+            return float(stripped)
+        except ValueError:
+            return str(text)
+    return str(text)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
