@@ -13,7 +13,7 @@ from vae.console import RunConsole
 from vae.tensorboard_tracking import MISSING
 from vae.tracking import RUN_FILE, Tracker
 
-from .conftest import assert_ok, python, read_jsonl, train_cmd
+from .conftest import REPO, assert_ok, python, read_jsonl, train_cmd
 
 STEPS_PER_EPOCH = 40  # configs/debug.yaml: 2,000 images, global batch 50
 FIGURES = ("reconstructions", "samples", "latent", "manifold", "interpolation")
@@ -112,6 +112,25 @@ def test_a_resume_that_trains_logged_steps_again_does_not_log_them_twice(tensorb
     # what the first start logged stays (epoch 2 trained twice: the first time's numbers are kept)
     first = read_events(source / "tensorboard")
     assert [p.value for p in events.Scalars("val/loss")][:2] == [p.value for p in first.Scalars("val/loss")]
+
+
+@pytest.mark.slow
+def test_a_stop_after_an_epochs_last_batch_still_logs_that_epochs_row_when_it_resumes(tmp_path, mnist_root):
+    """SIGTERM right after step 40, epoch 1's last batch, whose train/* was logged (every 10 steps): the
+    checkpoint says "batch 40/40" and the resumed start scores epoch 1 at step 40, which that start's tracker
+    must log although the folder holds step 40 already."""
+    run_dir = tmp_path / "run"
+    args = train_cmd(run_dir, mnist_root, "train.epochs=2", "log.trackers=[tensorboard]", "log.every_steps=10",
+                     "log.images_every_epochs=1")
+    stopped = python(*args, env={"PYTHONPATH": f"{REPO / 'tests' / 'fault_injection'}:{REPO}",
+                                 "VAE_TEST_SIGNAL_AT_STEP": f"0:{STEPS_PER_EPOCH}:SIGTERM"})
+    assert stopped.returncode == 143 and f"batch {STEPS_PER_EPOCH}/{STEPS_PER_EPOCH}" in stopped.stderr, stopped.stderr
+    assert_ok(python(*args))
+    assert [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+    events = read_events(run_dir / "tensorboard")
+    assert scalar_steps(events, "val/loss") == scalar_steps(events, "epoch") == [40, 80]
+    assert [image.step for image in events.Images("figures/samples")] == [40, 80]
+    assert scalar_steps(events, "train/loss") == [10, 20, 30, 40, 50, 60, 70, 80]  # step 40 once
 
 
 @pytest.mark.slow

@@ -562,6 +562,19 @@ def test_steps_an_earlier_start_logged_are_not_logged_again():
     assert accelerator.logged == [50, 50, 60] and tracker.last_step == 60
 
 
+@pytest.mark.parametrize("resumed_at, logged", [(80, [80, 90]), (40, [90])])
+def test_an_epoch_row_at_the_step_a_run_resumed_from_is_logged_but_not_one_trained_again(resumed_at, logged):
+    """The earlier start logged train/* at step 80: resumed from a stop after that step (epoch 2's last batch),
+    epoch 2's row at step 80 is new; resumed from step 40, epoch 2 was trained and its row logged before."""
+    accelerator = _FakeAccelerator()
+    tracker = Tracker(accelerator, RunConsole(False))
+    tracker.run, tracker.logged_before, tracker.last_step, tracker.resumed_at = object(), 80, 80, resumed_at
+    tracker.log({"train/loss": 1.0}, step=80)
+    tracker.log({"val/loss": 1.0}, step=80, epoch_row=True)
+    tracker.log({"train/loss": 1.0}, step=90)
+    assert accelerator.logged == logged
+
+
 def test_a_failing_log_call_warns_once_and_stops_logging(capsys):
     accelerator = _FakeAccelerator(fail=True)
     tracker = Tracker(accelerator, RunConsole(True))

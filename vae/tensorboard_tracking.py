@@ -148,9 +148,8 @@ class RunTensorBoard(TensorBoardTracker):
         self.failed = True
 
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-        """Accelerate's log (numbers as scalars), for steps the folder does not hold yet."""
-        if step is None or step > self.logged_before:
-            self._guarded("logging", lambda: super(RunTensorBoard, self).log(values, step=step, **kwargs))
+        """Accelerate's log (numbers as scalars); vae.tracking.Tracker has left out the steps the folder holds."""
+        self._guarded("logging", lambda: super(RunTensorBoard, self).log(values, step=step, **kwargs))
 
     def log_figures(self, figures: dict, step: int, prefix: str = "") -> None:
         """name.png -> matplotlib Figure, as images <prefix>figures/<name>."""
@@ -160,8 +159,7 @@ class RunTensorBoard(TensorBoardTracker):
                                       global_step=step, dataformats="HWC")
             self.writer.flush()
 
-        if step > self.logged_before:
-            self._guarded("logging the figures", add)
+        self._guarded("logging the figures", add)  # the Tracker has left out the steps the folder holds
 
     def finish(self) -> None:
         """Close the writer: everything logged is in the event file."""

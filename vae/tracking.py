@@ -199,6 +199,7 @@ class Tracker:
         self.run_id: str | None = None
         self.offline = False
         self.logged_before = -1  # highest step logged by earlier starts of this run: not logged again
+        self.resumed_at = -1  # the step of the state this start resumed from (-1: a new start)
         self.last_step = -1
         self._step_written_at = 0.0
 
@@ -210,11 +211,12 @@ class Tracker:
 
     @classmethod
     def start(cls, accelerator, console: RunConsole, *, log, run_name: str | None, run_dir: Path,
-              config: dict | None, resumed: bool) -> Tracker:
+              config: dict | None, resumed: bool, resumed_at: int = -1) -> Tracker:
         """Start (or continue) the run directory's W&B run and TensorBoard folder, as log.active_trackers says.
         `log` is the LogConfig; `resumed`: whether this continues the run directory's training (then its W&B run
-        id is reused, else a new one is made)."""
+        id is reused, else a new one is made), from the state of step `resumed_at`."""
         tracker = cls(accelerator, console)
+        tracker.resumed_at = resumed_at if resumed else -1
         if not accelerator.is_main_process:
             return tracker
         if "wandb" in log.active_trackers:
@@ -376,10 +378,16 @@ class Tracker:
         """Whether a tracker (W&B, TensorBoard) is on."""
         return self.run is not None or self.tensorboard is not None
 
-    def log(self, values: dict, step: int) -> None:
-        """accelerator.log at the global step, to every tracker; steps an earlier start of this run already logged
-        are skipped (they were trained again after a crash), so the history never goes backwards."""
-        if not self.logging or step <= self.logged_before:
+    def is_new(self, step: int, epoch_row: bool = False) -> bool:
+        """Whether to log at `step`: steps an earlier start of this run already logged are skipped (they were
+        trained again after a crash), so the history never goes backwards. An epoch's row (val/*, its figures) at
+        the very step this start resumed from is new: the earlier start stopped after the epoch's last batch,
+        before its test pass, having logged only that step's train/*."""
+        return step > self.logged_before or (epoch_row and step == self.logged_before == self.resumed_at)
+
+    def log(self, values: dict, step: int, epoch_row: bool = False) -> None:
+        """accelerator.log at the global step, to every tracker, if it is new (is_new)."""
+        if not self.logging or not self.is_new(step, epoch_row):
             return
         if self.run is not None:
             self._guard("logging", lambda: self.accelerator.log(values, step=step))
@@ -387,9 +395,9 @@ class Tracker:
             self.accelerator.log(values, step=step)
         self._logged(step)
 
-    def _log_wandb(self, values: dict, step: int) -> None:
+    def _log_wandb(self, values: dict, step: int, epoch_row: bool = False) -> None:
         """A row of W&B objects (images, tables, charts) to W&B's tracker alone."""
-        if self.run is None or step <= self.logged_before:
+        if self.run is None or not self.is_new(step, epoch_row):
             return
         self._guard("logging", lambda: self.accelerator.get_tracker("wandb").log(values, step=step))
         self._logged(step)
@@ -430,7 +438,7 @@ class Tracker:
         """figures: name.png -> matplotlib Figure (vae.figures.model_figures), as images to every tracker; to W&B
         also, of latents [N, z] with labels [N], an interactive table (the latents, or their 2-D PCA projection
         when z > 2) and its scatter plot, of the first `points` images (0: all)."""
-        if step <= self.logged_before:
+        if not self.is_new(step, epoch_row=True):
             return
         if self.tensorboard is not None:
             self.tensorboard.log_figures(figures, step, prefix)
@@ -458,7 +466,7 @@ class Tracker:
 
         values = self._guard("preparing the figures", build)
         if values:
-            self._log_wandb(values, step)
+            self._log_wandb(values, step, epoch_row=True)
 
     def log_evaluation(self, results: dict, figures: dict, latents, labels) -> None:
         """evaluate.py's numbers as eval/* (history row after the run's last step, and summary), its figures

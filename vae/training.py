@@ -92,8 +92,8 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     state = _resume(loop) if resume else RunState()
     first_step = state.step
     _write_run_files(loop, state)
-    loop.tracker = tracking.Tracker.start(accelerator, console, log=cfg.log, run_name=cfg.run.name,
-                                          run_dir=cfg.run_dir, config=loop.config_dict, resumed=resume)
+    loop.tracker = tracking.Tracker.start(accelerator, console, log=cfg.log, run_name=cfg.run.name, resumed=resume,
+                                          run_dir=cfg.run_dir, config=loop.config_dict, resumed_at=first_step)
     loop.tracker.define_epoch_metrics()
     evaluation, drawn = None, None
     try:
@@ -341,7 +341,7 @@ def _report_epoch(loop: Loop, row: dict, evaluation: dict, improved: bool) -> di
                  **{key: row[key] for key in (*VAL_KEYS, *EMA_VAL_KEYS) if key in row},
                  "perf/samples_per_s": row["samples_per_s"],
                  "perf/data_wait_share": row["data_wait_share"],
-                 "perf/peak_memory_mb": max(row["peak_memory_mb_per_rank"])}, step=row["step"])
+                 "perf/peak_memory_mb": max(row["peak_memory_mb_per_rank"])}, step=row["step"], epoch_row=True)
     for_wandb = tracker.figures_due(cfg.log.images_every_epochs, epoch, cfg.train.epochs)
     drawn = None
     if for_wandb or (cfg.log.figures and epoch == cfg.train.epochs):

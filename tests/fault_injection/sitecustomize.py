@@ -7,6 +7,9 @@ train.skip_nonfinite does with a transient nan.
 
 VAE_TEST_SAVE_FAILS_ON_RANK=1 makes process rank 1's part of every full checkpoint fail as a full disk would
 (OSError ENOSPC) while the other processes write theirs: how the processes agree on a failed save.
+
+VAE_TEST_SIGNAL_AT_STEP="0:40:SIGTERM" makes process rank 0 send itself SIGTERM right after global step 40 (before
+the loop looks for a stop): a stop that lands on an exact step, such as an epoch's last.
 """
 
 import os
@@ -48,3 +51,20 @@ if _spec:
         return recon, kl
 
     vae.model.negative_elbo_terms = negative_elbo_terms
+
+_signal_spec = os.environ.get("VAE_TEST_SIGNAL_AT_STEP")
+if _signal_spec:
+    import signal
+
+    import vae.preemption
+
+    _signal_rank, _signal_step, _signal_name = _signal_spec.split(":")
+    _agreed = vae.preemption.StopRequest.agreed
+
+    def agreed(self, accelerator, step, *args, **kwargs):
+        """The real check, after the signal was sent once at the chosen step."""
+        if step == int(_signal_step) and os.environ.get("RANK", "0") == _signal_rank and not self.requested:
+            os.kill(os.getpid(), getattr(signal, _signal_name))
+        return _agreed(self, accelerator, step, *args, **kwargs)
+
+    vae.preemption.StopRequest.agreed = agreed
