@@ -7,7 +7,7 @@
 #   VAE_GPUS_PER_NODE=0 sbatch --gres=none --array=0-2 slurm/sweep.sh configs/debug.yaml   # CPU-only partitions
 #
 # Task i runs slurm/train.sh with CONFIG, SWEEP[i]'s overrides and VAE_RUN_DIR=<VAE_SWEEP_DIR>/<name from them>
-# (runs/z2-sweep/z_dim-10 for model.z_dim=10): the same directory after a requeue (so it resumes), another for
+# (runs/z2-sweep/z_dim-10-<hash> for model.z_dim=10): the same directory after a requeue (so it resumes), another for
 # each setting. Preemption, requeue and the output are as in slurm/train.sh.
 #
 # Edit these to your cluster (options given to sbatch on the command line win over these lines):
@@ -77,8 +77,11 @@ for word in "${words[@]}"; do
 done
 
 # The run directory is named after the setting, not after the task index or job id: a requeued task finds its
-# run again, and editing the list does not hand an old run to another setting.
-# model.z_dim=10 train.lr=3e-4 -> z_dim-10_lr-3e-4
+# run again, and editing the list does not hand an old run to another setting. A readable part
+# (model.z_dim=10 train.lr=3e-4 -> z_dim-10_lr-3e-4), then 8 hex digits of a hash of all that makes the run what
+# it is: the config file, the setting's overrides in full and those given to every task. The readable part
+# alone can be the same for two settings (run.name=x and log.name=x; log.group=a/b and a:b) or two sweeps
+# (train.lr=1e-3 and 1e-4 given to every task; configs/other/z2.yaml): they never share a run directory.
 name=""
 for override in "${setting[@]}"; do
   key=${override%%=*}
@@ -86,6 +89,8 @@ for override in "${setting[@]}"; do
   name+="${name:+_}${key##*.}-${value}"
 done
 name=$(tr -d ' []' <<<"${name:-task$task}" | tr -c 'A-Za-z0-9._+=,\n-' '_')  # hidden-[512, 512] -> hidden-512,512
+config_file=$(realpath -m --relative-to="$VAE_REPO" "$SWEEP_CONFIG")
+name+="-$(printf '%s\0' "$config_file" "${setting[@]}" -- "$@" | sha256sum | cut -c1-8)"
 config_name=$(basename "${SWEEP_CONFIG%.*}")
 export VAE_RUN_DIR="${SWEEP_DIR:-runs/${config_name}-sweep}/$name"
 

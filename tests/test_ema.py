@@ -103,3 +103,4 @@ def test_a_run_keeping_an_average_may_resume_with_another_decay(tmp_path):
 def test_a_decay_outside_0_to_1_is_refused_in_one_line(decay):
     with pytest.raises(ConfigError, match="train.ema_decay: must be between 0 and 1"):
         load_config("configs/debug.yaml", [f"train.ema_decay={decay}"])
+

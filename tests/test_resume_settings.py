@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from vae.config import load_config
+from vae.config import dump_yaml, load_config
 from vae.console import RunConsole
 from vae.errors import TrainingError
-from vae.resume import batch_order_settings, check_mid_epoch_resume, follow_config_lr
+from vae.resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr
 from vae.run_state import EpochSoFar, RunState
 
 
@@ -89,3 +89,14 @@ def test_a_mid_epoch_state_saved_before_gradient_accumulation_existed_resumes_on
     check_mid_epoch_resume(load_config("configs/debug.yaml"), state)
     with pytest.raises(TrainingError, match="with train.grad_accum_steps=1; resume with train.grad_accum_steps=1"):
         check_mid_epoch_resume(load_config("configs/debug.yaml", ["train.grad_accum_steps=2"]), state)
+
+
+def test_a_resume_with_changed_settings_names_each_change(tmp_path):
+    (tmp_path / "config.yaml").write_text(dump_yaml(load_config("configs/debug.yaml", ["train.lr=1e-3"])))
+    said = []
+    check_resumable(tmp_path, load_config("configs/debug.yaml", ["train.lr=1e-4", "train.epochs=3",
+                                                                  "log.name=other"]), said.append)
+    assert said == [f"resuming {tmp_path} with settings changed since its last start: train.epochs=1 -> 3, "
+                    f"train.lr=0.001 -> 0.0001"]
+    check_resumable(tmp_path, load_config("configs/debug.yaml", ["train.lr=1e-3", "log.name=other"]), said.append)
+    assert len(said) == 1  # nothing changed but where it is logged: nothing said

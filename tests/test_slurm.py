@@ -331,7 +331,11 @@ def test_sweep_sh_from_another_directory_and_a_requeue_of_one_array_task(slurm, 
     job = slurm.sbatch(f"--output={tmp_path}/slurm-%x-%A_%a.out", "--array=0-1", "--gres=none",
                        "--cpus-per-task=1", str(REPO / "slurm/sweep.sh"), f"data.root={mnist_root}", *LONG,
                        env=env, cwd=tmp_path)
-    first = sweep_dir / "z_dim-2"
+    entries = env["VAE_SWEEP_LIST"]
+    names = [os.path.basename(d) for d in _sweep_run_dirs(tmp_path / "naming", entries, f"data.root={mnist_root}",
+                                                           *LONG, config="configs/debug.yaml")]
+    assert names[0].startswith("z_dim-2-") and names[1].startswith("z_dim-3_hidden-64,32-")
+    first = sweep_dir / names[0]
     wait_until(slurm, f"{job}_0", lambda: epochs_in(first) == [1], "task 0's epoch 1")
     time.sleep(1.5)
     slurm.run("scancel", "--signal=USR1", "--batch", f"{job}_0")
@@ -340,13 +344,44 @@ def test_sweep_sh_from_another_directory_and_a_requeue_of_one_array_task(slurm, 
     assert all(r["JobState"] == "COMPLETED" for r in records.values()), outputs
     assert records["0"]["Restarts"] == "1" and "stopped by SIGUSR1" in outputs["0"], outputs["0"]
     assert records["1"]["Restarts"] == "0" and "SIGUSR1" not in outputs["1"], outputs["1"]
-    assert sorted(p.name for p in sweep_dir.iterdir()) == ["z_dim-2", "z_dim-3_hidden-64,32"]
-    for name, z, hidden in (("z_dim-2", 2, [400]), ("z_dim-3_hidden-64,32", 3, [64, 32])):
+    assert sorted(p.name for p in sweep_dir.iterdir()) == names
+    for name, z, hidden in ((names[0], 2, [400]), (names[1], 3, [64, 32])):
         assert_finished_run(sweep_dir / name, epochs=3)
         config = yaml.safe_load((sweep_dir / name / "config.yaml").read_text())
         assert config["model"]["z_dim"] == z and config["model"]["hidden"] == hidden
     assert {p.name for p in tmp_path.glob("slurm-vae-sweep-*.out")} == {f"slurm-vae-sweep-{job}_{i}.out"
                                                                           for i in (0, 1)}
+
+
+def _sweep_run_dirs(tmp_path, entries: str, *arguments: str, config: str = "configs/z2.yaml") -> list[str]:
+    """The run directory sweep.sh gives each entry (tasks 0, 1, ...), read from what it hands slurm/train.sh (here
+    a stand-in in a copy of the repository's scripts that prints it; the real one trains, in the sweep test above)."""
+    repo = tmp_path / "repo"
+    if not repo.exists():  # made once per tmp_path
+        (repo / "slurm").mkdir(parents=True)
+        (repo / "train.py").touch()
+        (repo / "slurm" / "common.sh").touch()
+        shutil.copy(REPO / "slurm" / "sweep.sh", repo / "slurm" / "sweep.sh")
+        (repo / "slurm" / "train.sh").write_text('echo "$VAE_RUN_DIR"\n')
+    dirs = []
+    for task in range(len(entries.split(";"))):
+        env = {"PATH": os.environ["PATH"], "VAE_REPO": str(repo), "SLURM_ARRAY_TASK_ID": str(task),
+               "VAE_SWEEP_LIST": entries}
+        result = subprocess.run(["bash", str(repo / "slurm" / "sweep.sh"), config, *arguments], capture_output=True,
+                                text=True, timeout=60, env=env)
+        assert result.returncode == 0, result.stderr
+        dirs.append(result.stdout.strip().splitlines()[-1])
+    return dirs
+
+
+def test_sweep_entries_that_read_alike_and_sweeps_that_differ_get_run_directories_of_their_own(tmp_path):
+    alike = _sweep_run_dirs(tmp_path, "run.name=x;log.name=x;log.group=a/b;log.group=a:b")
+    assert len(set(alike)) == 4, alike
+    assert alike[0].startswith("runs/z2-sweep/name-x-") and alike[2].startswith("runs/z2-sweep/group-a_b-")
+    lr_3, lr_4 = (_sweep_run_dirs(tmp_path, "model.z_dim=10", f"train.lr={lr}") for lr in ("1e-3", "1e-4"))
+    other_config = _sweep_run_dirs(tmp_path, "model.z_dim=10", "train.lr=1e-3", config="configs/other/z2.yaml")
+    assert len({*lr_3, *lr_4, *other_config}) == 3
+    assert _sweep_run_dirs(tmp_path, "model.z_dim=10", "train.lr=1e-3") == lr_3  # the same setting: its own run again
 
 
 def test_outside_the_repository_without_vae_repo_is_one_line(tmp_path):

@@ -32,12 +32,16 @@ def saved_config(run_dir: Path) -> Config | None:
         return None  # unreadable: the checkpoint load will say whether the state still fits
 
 
-def check_resumable(run_dir: Path, cfg: Config) -> None:
+def check_resumable(run_dir: Path, cfg: Config, say=None) -> None:
     """Settings a resumed run cannot change: the model (the state would not fit), the learning-rate schedule
-    (the saved scheduler state is of the other kind) and whether it keeps an EMA of the weights."""
+    (the saved scheduler state is of the other kind) and whether it keeps an EMA of the weights. Those it may
+    change (train.epochs, train.lr, the batch size, ...) are named through `say`, so that a resume with another
+    setting (a second sweep into the same run directory, say) is never silent."""
     saved = saved_config(run_dir)
     if saved is None:
         return
+    if say is not None and (changed := _changes(saved, cfg)):
+        say(f"resuming {run_dir} with settings changed since its last start: {', '.join(changed)}")
     if saved.model != cfg.model:
         raise TrainingError(f"{run_dir} holds a run with a different model ({saved.model}); to train this one "
                             f"pass a new run.dir=..., or train.resume=false to move the old run aside")
@@ -194,13 +198,19 @@ def _load(accelerator: Accelerator, directory: Path, console: RunConsole) -> str
     return None
 
 
+def _changes(saved: Config, cfg: Config) -> list[str]:
+    """What a run's settings changed since `saved` ("key=before -> now"), leaving out where it is written and
+    logged (run.*, log.*, data.root)."""
+    before, now = flat_keys(config_to_dict(saved)), flat_keys(config_to_dict(cfg))
+    return [f"{key}={before.get(key)} -> {now.get(key)}" for key in sorted(before.keys() | now.keys())
+            if before.get(key) != now.get(key) and not key.startswith(("run.", "log.", "data.root"))]
+
+
 def _changed_settings(run_dir: Path, cfg: Config) -> str:
     saved = saved_config(run_dir)
     if saved is None:
         return f"{run_dir} has no readable config.yaml to say which setting changed"
-    before, now = flat_keys(config_to_dict(saved)), flat_keys(config_to_dict(cfg))
-    changed = [f"{key}={before.get(key)} -> {now.get(key)}" for key in sorted(before.keys() | now.keys())
-               if before.get(key) != now.get(key) and not key.startswith(("run.", "log.", "data.root"))]
+    changed = _changes(saved, cfg)
     return "changed since it was saved: " + ", ".join(changed) if changed else "no setting changed since it was saved"
 
 

@@ -80,7 +80,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     if cfg.log.per_rank_logs:
         start_rank_log(cfg.run_dir, accelerator.process_index)
     if resume:
-        check_resumable(cfg.run_dir, cfg)
+        check_resumable(cfg.run_dir, cfg, console.info)
     # From here on, start-up included, SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C stop the run at a checkpoint; Slurm's warning
     # during start-up stops it before its first step, with nothing new to save (vae.preemption caps such starts).
     stop = StopRequest().install()
