@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 import os
 import re
 import types
@@ -24,6 +25,10 @@ from .errors import HarnessError
 
 class ConfigError(HarnessError):
     """A configuration problem, worded as one line for the user."""
+
+
+MAX_THREADS = 1024  # far above any node's cores; more only fails later ("can't start new thread")
+MAX_DIST_TIMEOUT_S = 7 * 24 * 3600  # a week: longer overflows the process group's timeout arithmetic
 
 
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -121,12 +126,14 @@ class TrainConfig:
         _require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
         _require(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", ">= 1", self.grad_accum_steps)
-        _require(self.lr > 0, "train.lr", "> 0", self.lr)
+        _require(0 < self.lr <= 1, "train.lr", "> 0 and <= 1", self.lr)
+        _require(0 <= self.seed < 2**32, "train.seed", "between 0 and 2**32 - 1 (numpy's seeds)", self.seed)
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
         _require(self.skip_nonfinite >= 0, "train.skip_nonfinite", ">= 0", self.skip_nonfinite)
         if self.num_threads is not None:
-            _require(self.num_threads >= 1, "train.num_threads", ">= 1 or null", self.num_threads)
+            _require(1 <= self.num_threads <= MAX_THREADS, "train.num_threads", f"between 1 and {MAX_THREADS} or null",
+                     self.num_threads)
         _require(self.profile_steps >= 0, "train.profile_steps", ">= 0", self.profile_steps)
         if self.ema_decay is not None:
             _require(0 < self.ema_decay < 1, "train.ema_decay", "between 0 and 1 (e.g. 0.999) or null",
@@ -135,7 +142,8 @@ class TrainConfig:
             _require(self.early_stop_patience >= 1, "train.early_stop_patience", ">= 1 or null",
                      self.early_stop_patience)
         if self.dist_timeout_s is not None:
-            _require(self.dist_timeout_s > 0, "train.dist_timeout_s", "> 0 or null", self.dist_timeout_s)
+            _require(0 < self.dist_timeout_s <= MAX_DIST_TIMEOUT_S, "train.dist_timeout_s",
+                     f"> 0 and <= {MAX_DIST_TIMEOUT_S} (a week) or null", self.dist_timeout_s)
 
     @property
     def update_batch(self) -> int:
@@ -304,14 +312,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise wrong
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise wrong from None
-        raise wrong
+        number = _as_float(value)
+        if number is None:
+            raise wrong
+        if not math.isfinite(number):  # inf, .inf, nan: no setting of this harness means them
+            raise ConfigError(f"{key}: must be a finite number (got {value!r})")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -319,6 +325,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise wrong
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this file, not user input
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -377,6 +394,21 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping: it keeps the last silently, so a second
+    `train:` section dropped the first one's keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice (the first would be "
+                                                        f"dropped): merge them into one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 class OverrideText(str):
     """An override's value as typed, read by its key's type when the config is built (_read_override)."""
 
@@ -429,7 +461,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise ConfigError(f"config file '{path}' not found; pass an existing YAML, e.g. --config configs/z2.yaml")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
