@@ -93,7 +93,8 @@ def _write_evil_checkpoint(path, marker):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "not_a_checkpoint", "truncated", "old_version",
-                                  "pickle_with_code", "iwae_k_zero", "shape_mismatch"])
+                                  "pickle_with_code", "iwae_k_zero", "shape_mismatch", "out_is_a_folder",
+                                  "out_dir_is_a_file", "data_root_is_a_file"])
 def test_bad_inputs_are_one_line_errors(case, trained_run, tmp_path):
     marker = tmp_path / "code-ran"
     args = ["--iwae-k", "2", "--no-figures"]
@@ -125,6 +126,16 @@ def test_bad_inputs_are_one_line_errors(case, trained_run, tmp_path):
         ckpt = trained_run
         args = ["--iwae-k", "0"]
         expected = "--iwae-k: must be >= 1"
+    elif case in ("out_is_a_folder", "out_dir_is_a_file", "data_root_is_a_file"):
+        # refused before the scoring, which --iwae-k 100000 would make minutes long
+        ckpt, args = trained_run, ["--iwae-k", "100000"]
+        (tmp_path / "a-file").write_text("mine")
+        args += {"out_is_a_folder": ["--out", str(tmp_path)],
+                 "out_dir_is_a_file": ["--out-dir", str(tmp_path / "a-file")],
+                 "data_root_is_a_file": ["--data-root", str(tmp_path / "a-file" / "mnist")]}[case]
+        expected = {"out_is_a_folder": f"--out {tmp_path} is a folder; pass a file name",
+                    "out_dir_is_a_file": f"{tmp_path / 'a-file'} is a file, not a folder",
+                    "data_root_is_a_file": f"--data-root {tmp_path / 'a-file' / 'mnist'} cannot be a folder"}[case]
     else:
         payload = load_model_file(trained_run / "last.pt")
         payload["config"]["model"]["z_dim"] = 5

@@ -608,3 +608,25 @@ def test_a_folder_of_the_users_is_refused_as_a_run_dir_before_anything_is_writte
     run_dir.check_run_dir(tmp_path / "new")  # new, empty or a run: fine
     _a_finished_run(tmp_path / "a-run")
     run_dir.check_run_dir(tmp_path / "a-run")
+
+
+def test_an_epoch_whose_every_step_was_skipped_stops_as_a_non_finite_loss():
+    from vae.run_state import EpochResult
+    from vae.step import stop_if_not_finite
+
+    skipped_all = EpochResult(stopped=False, step=40, batches_done=40, loss_sum=0.0, seen=0, skipped=40)
+    with pytest.raises(TrainingError, match="training loss became nan at epoch 1, step 40"):
+        stop_if_not_finite(skipped_all.mean_loss, 1, 40)
+
+
+@pytest.mark.parametrize("key", ["data.root", "run.dir"])
+def test_a_path_that_cannot_be_a_folder_is_one_line_before_anything_is_written(tmp_path, key):
+    from vae.config import load_config
+    from vae.errors import HarnessError
+
+    (tmp_path / "a-file").write_text("mine")
+    cfg = load_config(str(DEBUG_CONFIG), [f"{key}={tmp_path / 'a-file' / 'below'}"])
+    with pytest.raises(HarnessError, match=f"{key} {tmp_path / 'a-file' / 'below'} cannot be a (folder|directory): "
+                                           f"{tmp_path / 'a-file'} is a file"):
+        run_dir.check_paths(cfg)
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]

@@ -29,7 +29,7 @@ import torch
 
 from .config import Config
 from .errors import HarnessError, first_line
-from .files import open_append
+from .files import file_in_the_way, open_append
 
 # The original distribution's uncompressed files: name -> (md5, size in bytes).
 MNIST_FILES = {
@@ -151,6 +151,12 @@ def _fetch_lock(root: Path):
         except OSError:  # a file system without flock (Lustre's noflock, some NFS): go on unlocked, as before
             pass
         yield
+
+
+def check_data_root(root: str | Path, name: str = "data.root") -> None:
+    """Before any long work: the data root is a folder, or can be made one."""
+    if (blocker := file_in_the_way(Path(root))) is not None:
+        raise DataError(f"{name} {root} cannot be a folder: {blocker} is a file; pass {name}=<a folder>")
 
 
 def ensure_mnist(root: str | Path, download: bool = True, say=print) -> Path:

@@ -20,9 +20,10 @@ from . import tracking
 from .checkpoint import CheckpointError, atomic_write_text, load_model_file
 from .config import Config, config_from_dict
 from .console import RunConsole
-from .data import ensure_mnist, gather_shares, load_mnist, share_bounds, to_unit_float
+from .data import check_data_root, ensure_mnist, gather_shares, load_mnist, share_bounds, to_unit_float
 from .errors import HarnessError, first_line
 from .figures import model_figures, save_figures
+from .files import file_in_the_way
 from .launch import check_processes
 from .metrics import score_batch, summarize
 from .model import VAE, negative_elbo_terms
@@ -105,6 +106,16 @@ def _score_test_set(model: VAE, images: torch.Tensor, accelerator: Accelerator, 
     return {key: gather_shares(torch.cat(values), len(images), accelerator) for key, values in parts.items()}
 
 
+def _check_outputs(out: Path, out_dir: Path | None) -> None:
+    """Before the scoring (minutes at a large --iwae-k): where the results go can take them."""
+    if out.is_dir():
+        raise HarnessError(f"--out {out} is a folder; pass a file name, e.g. --out {out / 'metrics.json'}")
+    for name, folder in (("--out", out.parent), ("--out-dir", out_dir)):
+        if folder is not None and (blocker := file_in_the_way(folder)) is not None:
+            raise HarnessError(f"{name} {folder if name == '--out-dir' else out}: {blocker} is a file, not a "
+                               f"folder; pass a path in a folder")
+
+
 def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | Path | None = None,
              out_dir: str | Path | None = None, batch_size: int = 500, cpu: bool = False,
              data_root: str | None = None, figures: bool = True, wandb: bool = False) -> dict:
@@ -116,7 +127,12 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         raise HarnessError(f"--batch-size: must be >= 1 (got {batch_size})")
     started = time.perf_counter()
     path = resolve_checkpoint(ckpt)
+    out_dir = Path(out_dir) if out_dir else path.parent / "eval"
+    out = Path(out) if out else out_dir / "metrics.json"
+    _check_outputs(out, out_dir if figures else None)
     model, cfg, payload = load_model(path)
+    if data_root is not None:
+        check_data_root(data_root, "--data-root")
     accelerator = Accelerator(cpu=cpu, log_with=tracking.log_with(wandb))
     check_processes(accelerator, cpu, "evaluate.py")
     console = RunConsole(accelerator.is_main_process)
@@ -142,9 +158,7 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         "num_processes": accelerator.num_processes,
         "wall_time_s": time.perf_counter() - started,
     }
-    out_dir = Path(out_dir) if out_dir else path.parent / "eval"
     if accelerator.is_main_process:
-        out = Path(out) if out else out_dir / "metrics.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(results, indent=1))
         drawn = model_figures(model, images, per_image["mu"], per_image["labels"], accelerator.device) \

@@ -38,3 +38,12 @@ def open_append(path: Path) -> BinaryIO:
 def create_new(path: Path) -> BinaryIO:
     """A file that did not exist (O_EXCL: an existing file or link there is an error), opened for writing bytes."""
     return os.fdopen(open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb")
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The file (not a folder) at `path` or at one of its parents that keeps `path` from being a folder: None
+    when `path` is a folder or can be made one. Checked before any long work, which would fail there at the end."""
+    for candidate in (Path(path), *Path(path).parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None

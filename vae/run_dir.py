@@ -18,8 +18,9 @@ from accelerate import Accelerator
 from . import checkpoint
 from .config import Config
 from .console import RunConsole
+from .data import check_data_root
 from .errors import TrainingError
-from .files import open_fd
+from .files import file_in_the_way, open_fd
 
 
 def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
@@ -82,13 +83,19 @@ def _holds_anything(run_dir: Path) -> bool:
 
 def check_run_dir(run_dir: Path) -> None:
     """Every process, before anything is written: run.dir is new, empty, or a run directory of this harness."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainingError(f"run.dir {run_dir} is not a directory; pass run.dir=<a new or empty directory, or a "
-                            f"run's>")
+    if (blocker := file_in_the_way(run_dir)) is not None:
+        raise TrainingError(f"run.dir {run_dir} cannot be a directory: {blocker} is a file; pass run.dir=<a new or "
+                            f"empty directory, or a run's>")
     if run_dir.is_dir() and not is_a_run(run_dir) and _holds_anything(run_dir):
         raise TrainingError(f"run.dir {run_dir} holds files but is not a run directory (no {RUN_MARKER}): a "
                             f"training would write over them (config.yaml, summary.json, the PNGs); pass "
                             f"run.dir=<a new or empty directory>")
+
+
+def check_paths(cfg: Config) -> None:
+    """Every process, first of all: run.dir can be this run's, and data.root can be a folder."""
+    check_run_dir(cfg.run_dir)
+    check_data_root(cfg.data.root)
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) -> tuple[bool, RunDirLock | None]:

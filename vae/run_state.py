@@ -108,4 +108,5 @@ class EpochResult:
 
     @property
     def mean_loss(self) -> float:
-        return self.loss_sum / self.seen
+        """nan when no image was trained (every step skipped as non-finite): the finiteness check stops the run."""
+        return self.loss_sum / self.seen if self.seen else float("nan")

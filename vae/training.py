@@ -34,7 +34,7 @@ from .profiling import StepProfiler
 from .progress import ProgressReport
 from .rank_logs import start_rank_log
 from .resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr, resume_full_state
-from .run_dir import check_run_dir, disk_full_error, full_state_bytes, prepare_run_dir, room_or_fail, space_needed
+from .run_dir import check_paths, disk_full_error, full_state_bytes, prepare_run_dir, room_or_fail, space_needed
 from .run_state import EpochResult, EpochSoFar, RunState
 from .step import (
     NonFiniteSteps,
@@ -67,7 +67,7 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     started = time.perf_counter()
-    check_run_dir(cfg.run_dir)  # before anything is made or written: a user's own folder is left alone
+    check_paths(cfg)  # before anything is made or written: a user's own folder is left alone
     accelerator = make_accelerator(cfg)
     if threads := cpu_threads(cfg, accelerator):
         torch.set_num_threads(threads)
