@@ -630,3 +630,19 @@ def test_a_path_that_cannot_be_a_folder_is_one_line_before_anything_is_written(t
                                            f"{tmp_path / 'a-file'} is a file"):
         run_dir.check_paths(cfg)
     assert sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+def test_a_file_system_without_flock_is_one_line_naming_run_lock_false(tmp_path, prepared, monkeypatch):
+    import fcntl
+
+    from vae.config import load_config
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre mounted noflock
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with pytest.raises(TrainingError, match=r"cannot lock .*\(Function not implemented\): this file system has no "
+                                            r"flock; pass run.lock=false"):
+        run_dir.RunDirLock(tmp_path).acquire()
+    cfg = load_config(str(DEBUG_CONFIG), [f"run.dir={tmp_path / 'run'}", "run.lock=false"])
+    assert run_dir.prepare_run_dir(cfg, prepared[0], RunConsole(enabled=False)) == (False, None)

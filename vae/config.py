@@ -164,6 +164,10 @@ class RunConfig:
     """Run name; defaults to the config file's name (z2 for configs/z2.yaml)."""
     dir: str | None = None
     """Run directory; defaults to runs/<name>. Re-running on the same directory resumes."""
+    lock: bool = True
+    """Hold a lock (flock) on <run dir>/.lock while training, so that a second training there stops at once.
+    false: for file systems without flock (Lustre mounted noflock, some NFS); then nothing stops two trainings
+    from writing the same run directory."""
 
 
 _WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in project names

@@ -14,22 +14,25 @@ import argparse
 import fcntl
 import os
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import yaml
 
 from .config import flat_keys
-from .errors import HarnessError, run_entry_point
+from .errors import HarnessError, first_line, run_entry_point
 from .preemption import read_starts
-from .run_dir import read_metrics
+from .run_dir import is_a_run, read_metrics
 
 ALIKE_IN_A_SWEEP = ("run.dir", "run.name")  # differ between any two runs: not worth a column
 
 
 def find_runs(folder: Path) -> list[Path]:
-    """Every run directory (one holding config.yaml) under folder, folder itself included, in path order."""
+    """Every run directory (one holding config.yaml and marked as a run, vae.run_dir.is_a_run) under folder,
+    folder itself included, in path order."""
     return sorted(config.parent for config in folder.rglob("config.yaml")
-                  if not {"checkpoints", "wandb", "eval"} & set(config.relative_to(folder).parts[:-1]))
+                  if not {"checkpoints", "wandb", "eval"} & set(config.relative_to(folder).parts[:-1])
+                  and is_a_run(config.parent))
 
 
 def _running(run_dir: Path) -> bool:
@@ -42,21 +45,46 @@ def _running(run_dir: Path) -> bool:
         return False
     except BlockingIOError:
         return True
+    except OSError:  # a file system without flock (run.lock=false there): cannot tell
+        return False
     finally:
         os.close(fd)
 
 
 def status(run_dir: Path) -> str:
+    """From the run's newest event: its last start or stop (starts.jsonl), or its finish (summary.json, written
+    at the end): a finished run resumed and stopped again is "stopped", not "finished"."""
     if _running(run_dir):
         return "running"
-    if (run_dir / "summary.json").is_file():
-        return "finished"
     records = read_starts(run_dir)
-    return "stopped" if records and records[-1].get("event") == "stop" else "failed"
+    last = records[-1] if records else {}
+    if last.get("event") == "stop":
+        return "stopped"
+    summary = run_dir / "summary.json"
+    if summary.is_file() and (not last or _finished_after(summary, last.get("time"))):
+        return "finished"
+    return "failed"
 
 
-def read_run(run_dir: Path, folder: Path) -> dict:
-    config = flat_keys(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+def _finished_after(summary: Path, started: str | None) -> bool:
+    try:
+        start = datetime.strptime(str(started), "%Y-%m-%d %H:%M:%S").timestamp()
+    except ValueError:
+        return True  # a start without a readable time: the summary decides, as before starts.jsonl existed
+    return summary.stat().st_mtime >= start - 1  # the record's time is cut to the second
+
+
+def read_run(run_dir: Path, folder: Path) -> dict | None:
+    """The run's config, rows and status; None when its config.yaml is not a run's (said on stderr)."""
+    try:
+        loaded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        loaded = e
+    if not isinstance(loaded, dict):
+        why = first_line(loaded) if isinstance(loaded, Exception) else "not a mapping of sections"
+        print(f"skipped {run_dir}: its config.yaml is not a run's ({why})", file=sys.stderr)
+        return None
+    config = flat_keys(loaded)
     rows = read_metrics(run_dir / "metrics.jsonl", up_to_epoch=sys.maxsize)
     return {
         "name": str(run_dir.relative_to(folder)) if run_dir != folder else run_dir.name,
@@ -102,10 +130,10 @@ def report(folder: Path, png: Path | None = None) -> list[dict]:
     if not folder.is_dir():
         raise HarnessError(f"{folder} is not a folder: give the folder that holds the run directories (runs/ or a "
                            f"sweep's folder)")
-    runs = [read_run(run_dir, folder) for run_dir in find_runs(folder)]
+    runs = [run for run in (read_run(run_dir, folder) for run_dir in find_runs(folder)) if run is not None]
     if not runs:
-        raise HarnessError(f"no run directory under {folder} (a run directory holds config.yaml): give runs/ or a "
-                           f"sweep's folder")
+        raise HarnessError(f"no run directory under {folder} (a run directory holds config.yaml and .vae-run): "
+                           f"give runs/ or a sweep's folder")
     keys = differing_keys(runs)
     print_table(runs, keys, folder)
     png = Path(png) if png else folder / "report.png"

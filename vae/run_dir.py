@@ -53,6 +53,12 @@ class RunDirLock:
             os.close(fd)
             raise TrainingError(f"{self.run_dir} is being trained by {holder}; wait for that run to end, or pass "
                                 f"run.dir=<another directory>") from None
+        except OSError as e:  # ENOSYS, ENOLCK, EOPNOTSUPP: Lustre mounted noflock, some NFS
+            os.close(fd)
+            raise TrainingError(f"cannot lock {self.run_dir / '.lock'} ({e.strerror}): this file system has no "
+                                f"flock; pass run.lock=false to train without the lock (then nothing stops a "
+                                f"second training in the same run directory), or put run.dir on another file "
+                                f"system") from None
         os.ftruncate(fd, 0)
         started = datetime.now().astimezone().isoformat(timespec="seconds")
         os.write(fd, f"process {os.getpid()} on {platform.node()}, started {started}".encode())
@@ -105,11 +111,12 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) 
     run_dir, lock = cfg.run_dir, None
     if accelerator.is_main_process:
         writable_or_fail(run_dir)
-        lock = RunDirLock(run_dir).acquire()
+        lock = RunDirLock(run_dir).acquire() if cfg.run.lock else None
         if not cfg.train.resume and is_a_run(run_dir) and _holds_anything(run_dir):
             moved = _move_aside(run_dir)
-            old, lock = lock, RunDirLock(run_dir).acquire()
-            old.release()
+            old, lock = lock, RunDirLock(run_dir).acquire() if cfg.run.lock else None
+            if old is not None:
+                old.release()
             console.info(f"train.resume=false: moved the previous run to {moved}")
         (run_dir / RUN_MARKER).touch()
     accelerator.wait_for_everyone()
