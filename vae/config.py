@@ -126,7 +126,7 @@ class TrainConfig:
         _require(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
         _require(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", ">= 1", self.grad_accum_steps)
-        _require(0 < self.lr <= 1, "train.lr", "> 0 and <= 1", self.lr)
+        _require(self.lr > 0, "train.lr", "> 0", self.lr)  # no upper bound: a diverging rate is a fair experiment
         _require(0 <= self.seed < 2**32, "train.seed", "between 0 and 2**32 - 1 (numpy's seeds)", self.seed)
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
