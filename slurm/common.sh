@@ -45,12 +45,32 @@ PY
 # GPUs Slurm gave this job on this node (SLURM_GPUS_ON_NODE, CUDA_VISIBLE_DEVICES; nvidia-smi where Slurm does
 # not manage GPUs); 0 without any.
 gpus_in_allocation() {
-  if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
+  if [[ -n "${SLURM_JOB_ID:-}" ]] && job_gpus_per_node; then
+    return 0
+  elif [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
     echo "$SLURM_GPUS_ON_NODE"
   elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" && "$CUDA_VISIBLE_DEVICES" != "NoDevFiles" ]]; then
     tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true
   elif command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+
+# Inside a job: its own GPUs per node, asked of Slurm (prints them; fails where scontrol cannot say). Not from
+# SLURM_GPUS_ON_NODE or CUDA_VISIBLE_DEVICES: sbatch passes the submitting shell's environment on, so a job
+# submitted from inside a GPU allocation sees that allocation's values even with --gres=none.
+job_gpus_per_node() {
+  local info
+  info=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null) || return 1
+  [[ -n "$info" ]] || return 1
+  if [[ $info =~ TresPerNode=[^[:space:]]*gpu[:=]([0-9]+) ]]; then  # --gres=gpu:N, --gpus-per-node=N
+    echo "${BASH_REMATCH[1]}"
+  elif [[ $info =~ [[:space:]]TRES=[^[:space:]]*gres/gpu=([0-9]+) ]]; then  # --gpus=N: the job's total
+    local total=${BASH_REMATCH[1]} nodes=1
+    [[ $info =~ NumNodes=([0-9]+) ]] && nodes=${BASH_REMATCH[1]}
+    echo $(( total / nodes ))
   else
     echo 0
   fi

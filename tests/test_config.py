@@ -138,6 +138,16 @@ def test_overrides_are_read_by_their_keys_type():
     assert (cfg.train.resume, cfg.log.tags, cfg.train.epochs, cfg.train.num_threads) == (False, ("a, b", "c"),
                                                                                           1000, None)
     assert parse_override("train.lr=3e-4") == ("train.lr", "3e-4")  # text until the key's type reads it
+    # a W&B sweep agent passes a list as Python writes it
+    assert load_config(None, ["log.tags=['baseline', 'z2']"]).log.tags == ("baseline", "z2")
+
+
+def test_yaml_merge_keys_load_and_may_be_overridden(tmp_path):
+    path = tmp_path / "merged.yaml"
+    path.write_text("train: &common {epochs: 3, batch_size: 7}\nlog:\n  every_steps: 5\n"
+                    "model:\n  <<: {z_dim: 4}\n  z_dim: 6\n")
+    cfg = load_config(path)
+    assert (cfg.train.epochs, cfg.model.z_dim) == (3, 6)
 
 
 @pytest.mark.parametrize("text", ["0123", "12:30", "007", "1_000", "0x10", "1.10", "/tmp/my #1 run", "yes", "1e3"])

@@ -73,12 +73,28 @@ class Planted:
         return (pathlib.Path.touch, (self.marker,))
 
 
+def test_a_state_saved_with_the_earlier_pickled_average_resumes_and_is_converted(tmp_path, accelerator):
+    model, average = _averaged(accelerator, updates=3)
+    accelerator.save_state(str(tmp_path))
+    saved = [p.clone() for p in average.module.parameters()]
+    (tmp_path / EMA_FILE).unlink()  # as an earlier version saved it: the average as Accelerate's pickle
+    torch.save({"weights": average.module.state_dict(), "updates": 3}, tmp_path / "custom_checkpoint_0.pkl")
+    average.updates = 0
+    accelerator.load_state(str(tmp_path))
+    assert average.updates == 3
+    assert all(torch.equal(a, b) for a, b in zip(average.module.parameters(), saved, strict=True))
+    assert (tmp_path / EMA_FILE).is_file() and not (tmp_path / "custom_checkpoint_0.pkl").exists()
+
+
 def test_a_pickle_planted_in_a_state_is_never_unpickled_on_resume(tmp_path, accelerator):
     _averaged(accelerator, updates=2)
     accelerator.save_state(str(tmp_path))
     marker = tmp_path / "the-pickle-ran"
     torch.save(Planted(marker), tmp_path / "custom_checkpoint_0.pkl")  # where Accelerate keeps extra objects
     with contextlib.suppress(Exception):  # refused, or loaded without it: either way its code never runs
+        accelerator.load_state(str(tmp_path))
+    (tmp_path / EMA_FILE).unlink()  # and taken for an earlier version's average: read with weights_only=True
+    with contextlib.suppress(Exception):
         accelerator.load_state(str(tmp_path))
     assert not marker.exists()
 

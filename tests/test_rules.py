@@ -207,6 +207,8 @@ def test_resume_raises_naming_the_run_dir_when_no_state_loads(tmp_path, prepared
         resume_full_state(accelerator, tmp_path, Config(), RunConsole(enabled=False))
     assert str(tmp_path) in str(caught.value)
     assert "step_00000020" in str(caught.value) and "step_00000030" in str(caught.value)
+    # none loaded: maybe unreadable for a while (a busy GPU, a file server), so none is set aside
+    assert [step for step, _ in checkpoint.complete_states(tmp_path)] == [20, 30]
 
 
 def test_resume_takes_the_newest_state_when_it_loads(tmp_path, prepared):
@@ -608,6 +610,10 @@ def test_a_folder_of_the_users_is_refused_as_a_run_dir_before_anything_is_writte
     run_dir.check_run_dir(tmp_path / "new")  # new, empty or a run: fine
     _a_finished_run(tmp_path / "a-run")
     run_dir.check_run_dir(tmp_path / "a-run")
+    older = tmp_path / "a-run-of-an-older-version"  # no .vae-run: its config.yaml and metrics.jsonl say so
+    _a_finished_run(older)
+    (older / run_dir.RUN_MARKER).unlink()
+    run_dir.check_run_dir(older)
 
 
 def test_an_epoch_whose_every_step_was_skipped_stops_as_a_non_finite_loss():

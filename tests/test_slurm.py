@@ -109,7 +109,11 @@ def assert_finished_run(run: Path, epochs: int) -> dict:
 
 
 def test_train_sh_one_node(slurm, tmp_path, job_env, mnist_root):
+    """Submitted from inside a GPU allocation (its SLURM_GPUS_ON_NODE and CUDA_VISIBLE_DEVICES, which sbatch passes
+    on) with --gres=none: the job counts its own GPUs, asked of Slurm, and trains on the CPU."""
     run = tmp_path / "run"
+    del job_env["VAE_GPUS_PER_NODE"]
+    job_env.update(SLURM_GPUS_ON_NODE="2", CUDA_VISIBLE_DEVICES="0,1", SLURM_JOB_GPUS="0,1")
     # --gres=none: the script asks for one GPU, and this cluster has none (as on a CPU-only partition)
     job = submit(slurm, tmp_path, "slurm/train.sh", "configs/debug.yaml", f"run.dir={run}",
                  f"data.root={mnist_root}", sbatch_args=["--gres=none"], env=job_env)

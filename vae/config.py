@@ -405,6 +405,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # <<: *base brings keys that the mapping's own may override
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice (the first would be "
@@ -431,6 +433,11 @@ BOOL_TEXT = {"true": True, "yes": True, "on": True, "false": False, "no": False,
 INTEGER_TEXT = re.compile(r"[+-]?\d+(_\d+)*")
 
 
+def _unquoted(item: str) -> str:
+    """A list item less its single quotes (Python's str() of a list, as a W&B sweep agent passes it)."""
+    return item[1:-1] if len(item) >= 2 and item[0] == item[-1] == "'" else item
+
+
 def _read_override(text: str, tp: Any) -> Any:
     """An override's text read by its key's type, losing nothing: a string key takes the text as it is. (Read as
     YAML 1.1, run.dir=0123 became 83, run.name=12:30 750, 007 7, and `run.dir=/tmp/my #1 run` lost ` #1 run` as a
@@ -444,7 +451,7 @@ def _read_override(text: str, tp: Any) -> Any:
     if origin is tuple and stripped.startswith("[") and stripped.endswith("]"):
         # csv: an item may be quoted ("a, b" is one), as in YAML's flow lists
         items = next(csv.reader([stripped[1:-1]], skipinitialspace=True)) if stripped[1:-1].strip() else []
-        return [_read_override(item.strip(), typing.get_args(tp)[0]) for item in items]
+        return [_read_override(_unquoted(item.strip()), typing.get_args(tp)[0]) for item in items]
     if tp is bool:
         return BOOL_TEXT.get(stripped.lower(), str(text))
     if tp is int and INTEGER_TEXT.fullmatch(stripped):

@@ -155,7 +155,12 @@ def _fetch_lock(root: Path):
 
 def check_data_root(root: str | Path, name: str = "data.root") -> None:
     """Before any long work: the data root is a folder, or can be made one."""
-    if (blocker := file_in_the_way(Path(root))) is not None:
+    try:
+        blocker = file_in_the_way(Path(root))
+    except OSError as e:  # a folder on the way that this user may not look into
+        raise DataError(f"{name} {root} cannot be used ({e.strerror}: {e.filename}); pass {name}=<a folder you can "
+                        f"read>") from None
+    if blocker is not None:
         raise DataError(f"{name} {root} cannot be a folder: {blocker} is a file; pass {name}=<a folder>")
 
 

@@ -14,6 +14,7 @@ a pickle planted in a run directory would run its code when the run resumed.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from .errors import HarnessError
 
 WARMUP = 10  # d = (1 + t) / (WARMUP + t) until that reaches train.ema_decay
 EMA_FILE = "ema.safetensors"  # in each full state: the averaged weights; its metadata, the update count
+LEGACY_FILE = "custom_checkpoint_0.pkl"  # where earlier versions kept it (Accelerate's register_for_checkpointing)
 
 
 class WeightAverage:
@@ -46,14 +48,33 @@ class WeightAverage:
 
     def load_from(self, directory: str | Path) -> None:
         path = Path(directory) / EMA_FILE
+        if not path.is_file() and (Path(directory) / LEGACY_FILE).is_file():
+            self._convert_legacy(Path(directory))
         if not path.is_file():
-            raise HarnessError(f"{directory} holds no {EMA_FILE} (saved without train.ema_decay, or by a version "
-                               f"that pickled the average, which is not loaded: a pickle can run code)")
+            raise HarnessError(f"{directory} holds no {EMA_FILE}: it was saved without train.ema_decay")
         with safe_open(str(path), framework="pt", device="cpu") as tensors:
             weights = {name: tensors.get_tensor(name) for name in tensors.keys()}
             updates = int((tensors.metadata() or {}).get("updates", "0"))
         self.module.load_state_dict(weights)
         self.updates = updates
+
+    def _convert_legacy(self, directory: Path) -> None:
+        """A state saved by an earlier version: its average becomes ema.safetensors, and the pickle is renamed
+        (Accelerate counts custom_checkpoint_*.pkl files against the objects registered with it: none now)."""
+        state = _legacy_state(directory / LEGACY_FILE)
+        self.module.load_state_dict(state["weights"])
+        self.updates = int(state["updates"])
+        self.save_into(directory)
+        os.replace(directory / LEGACY_FILE, directory / f"{LEGACY_FILE}.converted")
+
+
+def _legacy_state(path: Path) -> dict:
+    """The average as earlier versions saved it through Accelerate ({"weights": tensors, "updates": int}), read
+    with weights_only=True: tensors and plain values only, never code."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(state, dict) and isinstance(state.get("weights"), dict) and "updates" in state):
+        raise HarnessError(f"{path} is not the average of the weights an earlier version saved")
+    return state
 
 
 def weight_average(model: torch.nn.Module, decay: float | None, accelerator) -> WeightAverage | None:

@@ -25,8 +25,7 @@ def open_fd(path: Path, flags: int, mode: int = 0o644) -> int:
     except OSError as e:
         if e.errno == errno.ELOOP and Path(path).is_symlink():
             raise TrainingError(f"{path} is a symbolic link (to {os.readlink(path)}); the harness never writes "
-                                f"through a link in a run directory: remove the link and run the same command "
-                                f"again") from None
+                                f"through a link there: remove the link and run the same command again") from None
         raise
 
 

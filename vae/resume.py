@@ -142,7 +142,7 @@ def resume_full_state(accelerator: Accelerator, run_dir: Path, cfg: Config, cons
     fit this run is refused naming the settings that changed. Returns where the run stands, with the
     metrics.jsonl rows of the epochs that state had finished."""
     states = checkpoint.complete_states(run_dir)
-    failures = []
+    failures, unloadable = [], []
     for _, directory in reversed(states):
         problems = [p for p in gather_object([_load(accelerator, directory, console)]) if p]
         if problems:  # every process resumes from the same state: one that failed anywhere is skipped everywhere
@@ -152,9 +152,13 @@ def resume_full_state(accelerator: Accelerator, run_dir: Path, cfg: Config, cons
                                     f"{_changed_settings(run_dir, cfg)}: resume with the settings it was saved "
                                     f"with, or pass a new run.dir=...")
             failures.append(f"{directory.name}: {problems[0]}")
-            console.warn(f"cannot resume from {directory} ({problems[0]}); {_set_aside(accelerator, directory)}; "
-                         f"trying an older checkpoint")
+            unloadable.append(directory)
+            console.warn(f"cannot resume from {directory} ({problems[0]}); trying an older checkpoint")
             continue
+        # Only now, with an older state loaded, are the newer ones known to be damaged rather than unreadable
+        # for a while (a busy GPU, a file server's hiccup): set aside, so that pruning never keeps them as newest.
+        for newer in unloadable:
+            console.warn(f"{newer.name} {_set_aside(accelerator, newer)}")
         _same_noise_on_every_rank(accelerator)
         state = RunState.from_trainer_state(checkpoint.read_trainer_state(directory))
         state.history = read_metrics(run_dir / "metrics.jsonl", up_to_epoch=state.epoch - 1)
@@ -172,7 +176,7 @@ def _set_aside(accelerator: Accelerator, directory: Path) -> str:
     said = None
     if accelerator.is_main_process:
         try:
-            said = f"set aside as {checkpoint.set_aside(directory).name}"
+            said = f"set aside as {checkpoint.set_aside(directory).name} (rename it back to try it again)"
         except OSError as e:
             said = f"could not set it aside ({first_line(e)})"
     accelerator.wait_for_everyone()

@@ -71,16 +71,19 @@ class RunDirLock:
             self.fd = None
 
 
-# Written into a run directory at its first start. Only a directory holding it (or, made before it existed, a
-# run's config.yaml and starts.jsonl) is ever resumed, written over or moved aside: run.dir=. or ~/Documents by
-# mistake must not replace a user's own config.yaml, summary.json or loss.png, nor move their files away.
+# Written into a run directory at its first start. Only a directory holding it (or, made before it existed, what
+# only a run holds: a run's starts.jsonl or metrics.jsonl beside its config.yaml, or a full state) is ever resumed,
+# written over or moved aside: run.dir=. or ~/Documents by mistake must not replace a user's own config.yaml,
+# summary.json or loss.png, nor move their files away.
 RUN_MARKER = ".vae-run"
 _NOT_CONTENT = (".lock", ".write-test-", RUN_MARKER)  # the harness's own bookkeeping
 
 
 def is_a_run(run_dir: Path) -> bool:
-    return (run_dir / RUN_MARKER).is_file() or all((run_dir / name).is_file() for name in ("config.yaml",
-                                                                                          "starts.jsonl"))
+    if (run_dir / RUN_MARKER).is_file() or checkpoint.complete_states(run_dir):
+        return True
+    return (run_dir / "config.yaml").is_file() and any((run_dir / name).is_file() for name in ("starts.jsonl",
+                                                                                              "metrics.jsonl"))
 
 
 def _holds_anything(run_dir: Path) -> bool:
@@ -89,13 +92,20 @@ def _holds_anything(run_dir: Path) -> bool:
 
 def check_run_dir(run_dir: Path) -> None:
     """Every process, before anything is written: run.dir is new, empty, or a run directory of this harness."""
-    if (blocker := file_in_the_way(run_dir)) is not None:
+    try:
+        blocker = file_in_the_way(run_dir)
+        foreign = run_dir.is_dir() and not is_a_run(run_dir) and _holds_anything(run_dir)
+    except OSError as e:  # a folder on the way that this user may not look into
+        raise TrainingError(f"run.dir {run_dir} cannot be used ({e.strerror}: {e.filename}); pass run.dir=<a "
+                            f"directory you can write>") from None
+    if blocker is not None:
         raise TrainingError(f"run.dir {run_dir} cannot be a directory: {blocker} is a file; pass run.dir=<a new or "
                             f"empty directory, or a run's>")
-    if run_dir.is_dir() and not is_a_run(run_dir) and _holds_anything(run_dir):
+    if foreign:
         raise TrainingError(f"run.dir {run_dir} holds files but is not a run directory (no {RUN_MARKER}): a "
                             f"training would write over them (config.yaml, summary.json, the PNGs); pass "
-                            f"run.dir=<a new or empty directory>")
+                            f"run.dir=<a new or empty directory> (or, for a run of this harness's older "
+                            f"versions, touch {run_dir / RUN_MARKER})")
 
 
 def check_paths(cfg: Config) -> None:
@@ -118,7 +128,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) 
             if old is not None:
                 old.release()
             console.info(f"train.resume=false: moved the previous run to {moved}")
-        (run_dir / RUN_MARKER).touch()
+        os.close(open_fd(run_dir / RUN_MARKER, os.O_WRONLY | os.O_CREAT))
     accelerator.wait_for_everyone()
     return bool(checkpoint.complete_states(run_dir)) and cfg.train.resume, lock
 
