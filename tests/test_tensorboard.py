@@ -14,6 +14,7 @@ from vae.tensorboard_tracking import MISSING
 from vae.tracking import RUN_FILE, Tracker
 
 from .conftest import REPO, assert_ok, python, read_jsonl, train_cmd
+from .wandb_records import offline_run_dirs, read_offline_run
 
 STEPS_PER_EPOCH = 40  # configs/debug.yaml: 2,000 images, global batch 50
 FIGURES = ("reconstructions", "samples", "latent", "manifold", "interpolation")
@@ -120,8 +121,8 @@ def test_a_stop_after_an_epochs_last_batch_still_logs_that_epochs_row_when_it_re
     checkpoint says "batch 40/40" and the resumed start scores epoch 1 at step 40, which that start's tracker
     must log although the folder holds step 40 already."""
     run_dir = tmp_path / "run"
-    args = train_cmd(run_dir, mnist_root, "train.epochs=2", "log.trackers=[tensorboard]", "log.every_steps=10",
-                     "log.images_every_epochs=1")
+    args = train_cmd(run_dir, mnist_root, "train.epochs=2", "log.trackers=[wandb, tensorboard]", "log.every_steps=10",
+                     "log.images_every_epochs=1", wandb=True)
     stopped = python(*args, env={"PYTHONPATH": f"{REPO / 'tests' / 'fault_injection'}:{REPO}",
                                  "VAE_TEST_SIGNAL_AT_STEP": f"0:{STEPS_PER_EPOCH}:SIGTERM"})
     assert stopped.returncode == 143 and f"batch {STEPS_PER_EPOCH}/{STEPS_PER_EPOCH}" in stopped.stderr, stopped.stderr
@@ -131,6 +132,11 @@ def test_a_stop_after_an_epochs_last_batch_still_logs_that_epochs_row_when_it_re
     assert scalar_steps(events, "val/loss") == scalar_steps(events, "epoch") == [40, 80]
     assert [image.step for image in events.Images("figures/samples")] == [40, 80]
     assert scalar_steps(events, "train/loss") == [10, 20, 30, 40, 50, 60, 70, 80]  # step 40 once
+    # W&B (offline: one folder per start): epoch 1's row in the resumed start, one step after the last one held
+    first, resumed = (read_offline_run(folder) for folder in offline_run_dirs(run_dir))
+    assert [row["epoch"] for row in first.rows_with("val/loss")] == []
+    assert [(row["_step"], row["epoch"]) for row in resumed.rows_with("val/loss")] == [(41, 1), (80, 2)]
+    assert [row["_step"] for row in resumed.rows_with("figures/samples/_type")] == [41, 80]
 
 
 @pytest.mark.slow

@@ -389,6 +389,11 @@ class Tracker:
         """accelerator.log at the global step, to every tracker, if it is new (is_new)."""
         if not self.logging or not self.is_new(step, epoch_row):
             return
+        if step == self.logged_before:  # an epoch's row at the step this start resumed from: see _wandb_step
+            if self.tensorboard is not None:
+                self.tensorboard.log(values, step=step)
+            self._log_wandb(values, step, epoch_row)
+            return
         if self.run is not None:
             self._guard("logging", lambda: self.accelerator.log(values, step=step))
         else:  # TensorBoard alone: its tracker turns its own failures into a warning
@@ -399,8 +404,14 @@ class Tracker:
         """A row of W&B objects (images, tables, charts) to W&B's tracker alone."""
         if self.run is None or not self.is_new(step, epoch_row):
             return
-        self._guard("logging", lambda: self.accelerator.get_tracker("wandb").log(values, step=step))
+        self._guard("logging", lambda: self.accelerator.get_tracker("wandb").log(values, step=self._wandb_step(step)))
         self._logged(step)
+
+    def _wandb_step(self, step: int) -> int:
+        """A resumed W&B run goes on from the step after the last it holds and drops rows at earlier steps: an
+        epoch's row at the step this start resumed from (is_new) goes one step later, where nothing else is (its
+        charts are against `epoch`, define_epoch_metrics)."""
+        return step + 1 if step == self.logged_before else step
 
     def _logged(self, step: int) -> None:
         if step > self.last_step:
