@@ -55,3 +55,15 @@ def test_the_loss_curve_shows_the_weights_average_when_the_run_keeps_one():
     assert "EMA" in lines[2].get_label()
     without = [{key: value for key, value in row.items() if key != "val_ema/loss"} for row in rows]
     assert len(loss_curve(without).axes[0].get_lines()) == 2
+
+
+def test_a_figure_an_earlier_model_left_in_the_folder_is_removed(tmp_path):
+    from matplotlib.figure import Figure
+
+    from vae.figures import save_figures
+
+    (tmp_path / "manifold.png").write_bytes(b"a z=2 model's")  # an earlier evaluation's, into the same --out-dir
+    (tmp_path / "notes.txt").write_text("mine")
+    saved = save_figures({"samples.png": Figure(figsize=(1, 1))}, tmp_path)
+    assert saved == [tmp_path / "samples.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "samples.png"]

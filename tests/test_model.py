@@ -73,3 +73,13 @@ def test_fp16_starts_at_a_loss_scale_whose_gradients_fit_fp16(batch, z_dim, mnis
     largest = max(max(peaks), *(p.grad.abs().max().item() for p in model.parameters()))
     assert largest * fp16_initial_scale(batch) < FP16_MAX
     assert largest * 65536 > FP16_MAX
+
+
+def test_the_test_set_nelbo_does_not_depend_on_the_number_of_importance_samples():
+    from vae.metrics import score_batch
+
+    torch.manual_seed(0)
+    model = VAE(z_dim=2).eval()
+    x = torch.rand(20, 784)
+    nelbo = {k: score_batch(model, x, torch.arange(20), iwae_k=k, seed=0)["nelbo"] for k in (1, 6, 100)}
+    assert torch.equal(nelbo[1], nelbo[6]) and torch.equal(nelbo[1], nelbo[100])

@@ -60,9 +60,17 @@ def model_figures(model: VAE, test_images: torch.Tensor, latents: torch.Tensor, 
     return figures
 
 
+MODEL_FIGURES = ("reconstructions.png", "samples.png", "latent.png", "manifold.png", "interpolation.png")
+
+
 def save_figures(figures: dict[str, Figure], out_dir: Path) -> list[Path]:
+    """The figures as PNGs in out_dir; a model figure an earlier save left there that this set does not have
+    (manifold.png of a z=2 model beside a z=20 model's) is removed, so that the folder shows one model."""
     from . import plots
 
+    if figures:
+        for name in set(MODEL_FIGURES) - set(figures):
+            (Path(out_dir) / name).unlink(missing_ok=True)
     return [plots.save(fig, Path(out_dir) / name) for name, fig in figures.items()]
 
 

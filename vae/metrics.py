@@ -45,11 +45,13 @@ def score_batch(model: VAE, x: torch.Tensor, indices: torch.Tensor, *, iwae_k: i
     mu, logvar = model.encoder(x)
     mu, logvar = mu.float(), logvar.float()
     z_dim = mu.shape[1]
-    # All draws of an image at once: [:, 0] for the -ELBO sample, [:, 1:] for the k importance samples.
-    eps = per_image_noise(indices, 1 + iwae_k, z_dim, seed, x.device)
+    # The -ELBO sample is drawn on its own: as row 0 of the k importance samples' draw it changed with k (torch
+    # draws fewer than 16 numbers with another algorithm than more), so nelbo moved with --iwae-k.
+    elbo_eps = per_image_noise(indices, 1, z_dim, seed, x.device)[:, 0]
+    eps = per_image_noise(indices, 1 + iwae_k, z_dim, seed, x.device)  # [:, 1:]: the k importance samples
     std = (0.5 * logvar).exp()
 
-    recon = reconstruction_nats(model.decoder(mu + eps[:, 0] * std), x)
+    recon = reconstruction_nats(model.decoder(mu + elbo_eps * std), x)
     kl = kl_to_standard_normal(mu, logvar)
 
     # IWAE, decoded in chunks of samples so that k = 5000 fits in memory.
