@@ -471,6 +471,15 @@ def test_stops_without_progress_are_counted_back_to_the_last_stop_that_trained(t
     assert preemption.stops_without_progress(tmp_path) == 0
 
 
+def test_a_start_that_ended_without_a_stop_record_ends_the_count_of_idle_stops(tmp_path):
+    _stops(tmp_path, 0, 0)
+    preemption.record_start(tmp_path)  # killed (kill -9, a node failure): no stop record, maybe trained
+    _stops(tmp_path, 0)
+    assert preemption.stops_without_progress(tmp_path) == 1
+    preemption.record_start(tmp_path)  # the start now running, whose stop is being settled
+    assert preemption.stops_without_progress(tmp_path) == 1
+
+
 def test_the_third_start_in_a_row_without_progress_is_not_requeued(tmp_path):
     _stops(tmp_path, 7, 0, 0)
     stop = preemption.StoppedToResume("stopped by SIGUSR1 at start-up", "SIGUSR1", "start-up", requeue_job="42")

@@ -8,6 +8,7 @@ import torch
 from vae.checkpoint import load_model_file
 
 from .conftest import ACCELERATE_LAUNCH, accelerate_launch, assert_ok, python, read_jsonl, run_cmd, start, train_cmd
+from .test_tensorboard import read_events
 
 pytestmark = pytest.mark.slow
 
@@ -258,7 +259,8 @@ def test_early_stopping_ends_the_run_as_finished_on_every_process(tmp_path, mnis
     after epoch 1, so the run stops after epoch 3 of 10, on both processes together, and ends as a finished run.
     The same command again trains nothing more."""
     run_dir = tmp_path / "r"
-    settings = ("train.epochs=10", "train.early_stop_patience=2", "train.lr=1e-30", "data.train_subset=500")
+    settings = ("train.epochs=10", "train.early_stop_patience=2", "train.lr=1e-30", "data.train_subset=500",
+                "log.trackers=[tensorboard]", "log.images_every_epochs=100")
     result = accelerate_launch("--multi_gpu", "--num_processes", "2",
                                *train_cmd(run_dir, mnist_root, "train.cpu=true", *settings, figures=True))
     assert_ok(result)
@@ -268,6 +270,8 @@ def test_early_stopping_ends_the_run_as_finished_on_every_process(tmp_path, mnis
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stopped_early"] is True and summary["epoch"] == 3 and summary["best/epoch"] == 1
     assert (run_dir / "last.pt").is_file() and (run_dir / "loss.png").is_file()
+    # the figures of the epoch the run ended at, as after a last epoch (step 30: 10 steps an epoch)
+    assert [image.step for image in read_events(run_dir / "tensorboard").Images("figures/samples")] == [30]
     again = python(*train_cmd(run_dir, mnist_root, *settings))
     assert_ok(again)
     assert reason in again.stdout and [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]

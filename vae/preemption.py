@@ -183,13 +183,18 @@ def read_starts(run_dir: Path) -> list[dict]:
 
 
 def stops_without_progress(run_dir: Path) -> int:
-    """How many requested stops in a row, the newest last, trained no step."""
-    count = 0
+    """How many requested stops in a row, the newest last, trained no step. A start followed by another start
+    ended without a stop record (a crash, kill -9, a node failure): it may have trained, so the count ends there."""
+    count, later = 0, None
     for record in reversed(read_starts(run_dir)):
-        if record.get("event") == "stop":
+        event = record.get("event")
+        if event == "stop":
             if record.get("trained_steps", 1) > 0:
                 break
             count += 1
+        elif event == "start" and later == "start":
+            break
+        later = event
     return count
 
 

@@ -440,9 +440,10 @@ class Tracker:
                 self.run.define_metric(pattern, step_metric="epoch")
         self._guard("defining metrics", define)
 
-    def figures_due(self, every: int, epoch: int, last_epoch: int) -> bool:
-        """Whether to draw and log the figures after this epoch: every `every` epochs and after the last one."""
-        return self.logging and every > 0 and (epoch % every == 0 or epoch == last_epoch)
+    def figures_due(self, every: int, epoch: int, last: bool) -> bool:
+        """Whether to draw and log the figures after this epoch: every `every` epochs and after the last one
+        (train.epochs, or the one an early stop ends the run at)."""
+        return self.logging and every > 0 and (epoch % every == 0 or last)
 
     def log_figures(self, figures: dict, latents, labels, epoch: int, step: int, prefix: str = "",
                     points: int = 0) -> None:

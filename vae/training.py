@@ -238,9 +238,9 @@ def _run_epoch(loop: Loop, state: RunState) -> tuple[dict, dict | None]:
     evaluation = loop.test_pass()
     row = _epoch_row(epoch, trained, evaluation, loop, train_time, time.perf_counter() - started)
     improved = state.finish_epoch(row)
-    drawn = _report_epoch(loop, row, evaluation, improved) if loop.accelerator.is_main_process else None
-    stopping = loop.stop.agreed(loop.accelerator, state.step, every_step=True)
     last = epoch == cfg.train.epochs or state.stops_early(cfg.train.early_stop_patience)
+    drawn = _report_epoch(loop, row, evaluation, improved, last) if loop.accelerator.is_main_process else None
+    stopping = loop.stop.agreed(loop.accelerator, state.step, every_step=True)
     if stopping or epoch % cfg.train.checkpoint_every == 0 or last:
         saved = loop.save_state(state)
         if stopping and not last:
@@ -325,10 +325,10 @@ def _epoch_row(epoch: int, trained: EpochResult, evaluation: dict, loop: Loop, t
     }
 
 
-def _report_epoch(loop: Loop, row: dict, evaluation: dict, improved: bool) -> dict | None:
+def _report_epoch(loop: Loop, row: dict, evaluation: dict, improved: bool, last: bool) -> dict | None:
     """Main process: the metrics row, the epoch line, last.pt (and best.pt), and the epoch in W&B: val/* against
-    `epoch`; every log.images_every_epochs epochs the figures and the latent table; the model file as an artifact
-    when asked. Returns the figures when they were drawn (the last epoch's are kept for the PNGs)."""
+    `epoch`; every log.images_every_epochs epochs and after the `last` (early stops too) the figures and the
+    latent table; the model file as an artifact when asked. Returns the figures drawn (the last's: the PNGs)."""
     cfg, epoch, tracker = loop.cfg, row["epoch"], loop.tracker
     with open_append(cfg.run_dir / "metrics.jsonl") as f:
         f.write((json.dumps(row) + "\n").encode())
@@ -342,9 +342,9 @@ def _report_epoch(loop: Loop, row: dict, evaluation: dict, improved: bool) -> di
                  "perf/samples_per_s": row["samples_per_s"],
                  "perf/data_wait_share": row["data_wait_share"],
                  "perf/peak_memory_mb": max(row["peak_memory_mb_per_rank"])}, step=row["step"], epoch_row=True)
-    for_wandb = tracker.figures_due(cfg.log.images_every_epochs, epoch, cfg.train.epochs)
+    for_wandb = tracker.figures_due(cfg.log.images_every_epochs, epoch, last)
     drawn = None
-    if for_wandb or (cfg.log.figures and epoch == cfg.train.epochs):
+    if for_wandb or (cfg.log.figures and last):
         drawn = _draw(loop, evaluation)
     if for_wandb:
         tracker.log_figures(drawn, evaluation["latent_means"], evaluation["labels"], epoch, row["step"],
