@@ -18,7 +18,7 @@ from vae.config import Config, LogConfig, TrainConfig
 from vae.console import RunConsole
 from vae.errors import TrainingError
 from vae.resume import batch_order_settings, resume_full_state
-from vae.run_state import EpochSoFar, RunState
+from vae.run_state import EpochResult, EpochSoFar, RunState
 
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")
 MiB = 2**20
@@ -147,6 +147,11 @@ def _save_full_state(accelerator, model, run, state: RunState) -> None:
     checkpoint.commit_state(run, state.step, state.trainer_state())
 
 
+def _stop(batches_done: int, loss_sum: float, seen: int) -> EpochResult:
+    """What train_one_epoch returns when a stop came after `batches_done` batches."""
+    return EpochResult(stopped=True, step=batches_done, batches_done=batches_done, loss_sum=loss_sum, seen=seen)
+
+
 def _truncate(path) -> None:
     os.truncate(path, path.stat().st_size // 2)
 
@@ -183,7 +188,7 @@ def test_a_damaged_state_is_set_aside_so_pruning_keeps_the_newest_loadable_one(t
     assert [step for step, _ in checkpoint.complete_states(tmp_path)] == [40]
     assert (damaged.parent / "step_00000080.unloadable").is_dir()
     mid_epoch = RunState(epoch=2, step=50)
-    mid_epoch.stopped_at(10, 1000.0, 500, {"order": "epoch-batches-1"})
+    mid_epoch.stopped_at(_stop(10, 1000.0, 500), {"order": "epoch-batches-1"}, 12.5)
     _save_full_state(accelerator, model, tmp_path, mid_epoch)
     checkpoint.prune_states(tmp_path, keep=1, saved=checkpoint.state_dir(tmp_path, 50))
     assert [step for step, _ in checkpoint.complete_states(tmp_path)] == [50]
@@ -215,7 +220,7 @@ def test_resume_takes_the_newest_state_when_it_loads(tmp_path, prepared):
     accelerator, model = prepared
     _save_full_state(accelerator, model, tmp_path, RunState(epoch=3, step=20))
     mid_epoch = RunState(epoch=4, step=27)
-    mid_epoch.stopped_at(7, 700.0, 70, {"order": "epoch-batches-1"})
+    mid_epoch.stopped_at(_stop(7, 700.0, 70), {"order": "epoch-batches-1"}, 3.0)
     _save_full_state(accelerator, model, tmp_path, mid_epoch)
     state = resume_full_state(accelerator, tmp_path, Config(), RunConsole(enabled=False))
     assert (state.epoch, state.step, state.batches_done, state.so_far) == (4, 27, 7, mid_epoch.so_far)
@@ -365,10 +370,10 @@ def test_an_end_of_epoch_state_survives_json():
 
 def test_a_mid_epoch_state_survives_json_with_its_sums_and_batch_order():
     state = RunState(epoch=4, step=321, best_loss=101.25, best_epoch=3)
-    state.stopped_at(21, loss_sum=2345.5, seen=1050, batch_order=batch_order_settings(Config()))
+    state.stopped_at(_stop(21, 2345.5, 1050), batch_order_settings(Config()), 61.25)
     back = _round_trip(state)
     assert back == state and back.mid_epoch
-    assert back.so_far == EpochSoFar(2345.5, 1050, batch_order_settings(Config()))
+    assert back.so_far == EpochSoFar(2345.5, 1050, batch_order_settings(Config()), train_seconds=61.25)
 
 
 def test_an_infinite_best_loss_survives_json():
@@ -386,7 +391,7 @@ def test_a_state_written_with_the_old_partial_key_is_read():
 
 def test_finish_epoch_moves_to_the_next_epoch_and_updates_best_only_on_improvement():
     state = RunState(epoch=1, step=10)
-    state.stopped_at(4, 40.0, 20, {"order": "epoch-batches-1"})
+    state.stopped_at(_stop(4, 40.0, 20), {"order": "epoch-batches-1"}, 1.0)
     assert state.finish_epoch({"epoch": 1, "val/loss": 100.0}) is True
     assert (state.epoch, state.batches_done, state.so_far) == (2, 0, EpochSoFar())
     assert (state.best_loss, state.best_epoch) == (100.0, 1)
@@ -626,7 +631,6 @@ def test_a_folder_of_the_users_is_refused_as_a_run_dir_before_anything_is_writte
 
 
 def test_an_epoch_whose_every_step_was_skipped_stops_as_a_non_finite_loss():
-    from vae.run_state import EpochResult
     from vae.step import stop_if_not_finite
 
     skipped_all = EpochResult(stopped=False, step=40, batches_done=40, loss_sum=0.0, seen=0, skipped=40)

@@ -20,6 +20,7 @@ class EpochSoFar:
     loss_sum: float = 0.0  # summed -ELBO of the images trained so far in the epoch
     seen: int = 0  # how many images that is
     batch_order: dict = dataclasses.field(default_factory=dict)  # vae.resume.batch_order_settings when saved
+    train_seconds: float = 0.0  # the epoch's training time before the stop
 
 
 @dataclasses.dataclass
@@ -55,13 +56,13 @@ class RunState:
         return cls(epoch=state["epoch"], step=state["step"], batches_done=state["batches_done"],
                    best_loss=math.inf if best_loss is None else float(best_loss), best_epoch=best.get("epoch"),
                    so_far=EpochSoFar(float(so_far.get("loss_sum", 0.0)), int(so_far.get("seen", 0)),
-                                     dict(so_far.get("batch_order", {}))),
+                                     dict(so_far.get("batch_order", {})), float(so_far.get("train_seconds", 0.0))),
                    history=list(history or []))
 
-    def stopped_at(self, batches_done: int, loss_sum: float, seen: int, batch_order: dict) -> None:
-        """A stop arrived after `batches_done` batches of the current epoch."""
-        self.batches_done = batches_done
-        self.so_far = EpochSoFar(loss_sum, seen, batch_order)
+    def stopped_at(self, trained: EpochResult, batch_order: dict, train_seconds: float) -> None:
+        """A stop arrived after `trained.batches_done` batches of the current epoch, `train_seconds` into it."""
+        self.batches_done = trained.batches_done
+        self.so_far = EpochSoFar(trained.loss_sum, trained.seen, batch_order, train_seconds)
 
     def epochs_without_improvement(self) -> int:
         """Finished epochs since the one with the best val/loss."""

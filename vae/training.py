@@ -224,14 +224,14 @@ def _write_run_files(loop: Loop, state: RunState) -> None:
 
 
 def _run_epoch(loop: Loop, state: RunState) -> tuple[dict, dict | None]:
-    """Train state.epoch (on from where a mid-epoch stop left it), then score, report and checkpoint it; returns
-    the test pass's numbers and the figures drawn of the model (None when none were due)."""
-    cfg, epoch, started = loop.cfg, state.epoch, time.perf_counter()
+    """Train state.epoch (on from where a mid-epoch stop left it, its time before the stop counted), then score,
+    report and checkpoint it; returns the test pass's numbers and the figures drawn (None when none were due)."""
+    cfg, epoch, started = loop.cfg, state.epoch, time.perf_counter() - state.so_far.train_seconds
     with loop.console.epoch_progress(epoch, cfg.train.epochs, loop.steps_per_epoch) as bar:
         trained = train_one_epoch(loop, state, bar)
     state.step = trained.step
     if trained.stopped:
-        state.stopped_at(trained.batches_done, trained.loss_sum, trained.seen, batch_order_settings(cfg))
+        state.stopped_at(trained, batch_order_settings(cfg), time.perf_counter() - started)
         leave_after_checkpoint(loop.stop, loop.accelerator, loop.save_state(state),
                                f"epoch {epoch}, batch {trained.batches_done}/{loop.steps_per_epoch}")
     train_time = time.perf_counter() - started
@@ -313,7 +313,7 @@ def _epoch_row(epoch: int, trained: EpochResult, evaluation: dict, loop: Loop, t
         "val/loss": evaluation["val/loss"],
         "val/recon": evaluation["val/recon"], "val/kl": evaluation["val/kl"],
         **{key: evaluation[key] for key in EMA_VAL_KEYS if key in evaluation},
-        "samples_per_s": trained.trained_now / train_time,
+        "samples_per_s": trained.seen / train_time,  # the epoch's, a stop and its resume included
         "epoch_time_s": epoch_time,
         "lr": loop.train_step.lr,
         "samples_per_rank": trained.per_rank,
