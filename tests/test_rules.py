@@ -542,13 +542,19 @@ REPLACES = {"config.yaml": lambda d: checkpoint.atomic_write_text(d / "config.ya
             "loss.png": _save_png}
 
 
-@pytest.mark.parametrize("name", APPENDS)
-def test_a_file_written_in_place_refuses_a_symlink_in_one_line_and_leaves_its_target_alone(tmp_path, name):
+def _run_with_a_planted_link(tmp_path, name):
+    """A run directory whose `name` is a link to another user's file: (run directory, that file)."""
     victim = tmp_path / "someone-elses-file.txt"
     victim.write_text("their data\n")
     run = tmp_path / "run"
     run.mkdir()
     (run / name).symlink_to(victim)
+    return run, victim
+
+
+@pytest.mark.parametrize("name", APPENDS)
+def test_a_file_written_in_place_refuses_a_symlink_in_one_line_and_leaves_its_target_alone(tmp_path, name):
+    run, victim = _run_with_a_planted_link(tmp_path, name)
     with pytest.raises(TrainingError, match=f"{run / name} is a symbolic link .*remove the link"):
         APPENDS[name](run)
     assert victim.read_text() == "their data\n"
@@ -556,11 +562,7 @@ def test_a_file_written_in_place_refuses_a_symlink_in_one_line_and_leaves_its_ta
 
 @pytest.mark.parametrize("name", REPLACES)
 def test_a_file_written_atomically_replaces_a_symlink_and_leaves_its_target_alone(tmp_path, name):
-    victim = tmp_path / "someone-elses-file.txt"
-    victim.write_text("their data\n")
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / name).symlink_to(victim)
+    run, victim = _run_with_a_planted_link(tmp_path, name)
     tmp_name = f".{name}.tmp-{os.getpid()}" if name != "loss.png" else f".loss.tmp-{os.getpid()}.png"
     (run / tmp_name).symlink_to(victim)  # the temporary name is predictable: planted too
     REPLACES[name](run)
