@@ -433,8 +433,11 @@ BOOL_TEXT = {"true": True, "yes": True, "on": True, "false": False, "no": False,
 INTEGER_TEXT = re.compile(r"[+-]?\d+(_\d+)*")
 
 
-def _unquoted(item: str) -> str:
-    """A list item less its single quotes (Python's str() of a list, as a W&B sweep agent passes it)."""
+def _unquoted(item: str) -> str | None:
+    """A list item less its single quotes (Python's str() of a list, as a W&B sweep agent passes it); null as
+    in YAML (refused by the item's type)."""
+    if item in NULL_TEXT:
+        return None
     return item[1:-1] if len(item) >= 2 and item[0] == item[-1] == "'" else item
 
 
@@ -451,7 +454,8 @@ def _read_override(text: str, tp: Any) -> Any:
     if origin is tuple and stripped.startswith("[") and stripped.endswith("]"):
         # csv: an item may be quoted ("a, b" is one), as in YAML's flow lists
         items = next(csv.reader([stripped[1:-1]], skipinitialspace=True)) if stripped[1:-1].strip() else []
-        return [_read_override(_unquoted(item.strip()), typing.get_args(tp)[0]) for item in items]
+        return [None if (item := _unquoted(text.strip())) is None else _read_override(item, typing.get_args(tp)[0])
+                for text in items]
     if tp is bool:
         return BOOL_TEXT.get(stripped.lower(), str(text))
     if tp is int and INTEGER_TEXT.fullmatch(stripped):
