@@ -30,6 +30,7 @@ def test_every_shipped_config_loads_and_says_how_to_run_it():
 PRESETS = {  # configs/accelerate/*.yaml: what each must start
     "cpu_2_processes.yaml": ("MULTI_GPU", 2, 1, "no"),
     "one_gpu.yaml": ("NO", 1, 1, "no"),
+    "one_gpu_2_processes.yaml": ("MULTI_GPU", 2, 1, "no"),
     "one_node_all_gpus.yaml": ("MULTI_GPU", 8, 1, "no"),
     "multi_node.yaml": ("MULTI_GPU", 16, 2, "no"),
     "bf16.yaml": ("NO", 1, 1, "bf16"),
@@ -172,6 +173,8 @@ def test_a_number_or_switch_that_would_lose_something_is_refused_naming_the_key(
     ([], "error: the following arguments are required: --config"),
     (["--config", "configs/debug.yaml", "train.cuda_graph=true", "log.wandb=false"],
      "error: train.cuda_graph: needs a CUDA device (this run is on cpu); set train.cuda_graph=false"),
+    (["--config", "configs/debug.yaml", "train.dist_backend=nccl", "log.wandb=false"],
+     "error: train.dist_backend: nccl needs CUDA GPUs (this run is on cpu); use gloo or auto"),
 ])
 def test_train_cli_errors_are_one_line_without_traceback(argv, expected):
     result = python("train.py", *argv)

@@ -66,7 +66,8 @@ def test_three_processes_give_the_one_process_numbers(trained_run, tmp_path):
     one, three = tmp_path / "one.json", tmp_path / "three.json"
     assert_ok(_evaluate("--ckpt", str(trained_run), "--iwae-k", "20", "--out", str(one), "--no-figures"))
     assert_ok(_evaluate("--ckpt", str(trained_run), "--iwae-k", "20", "--out", str(three), "--no-figures", "--cpu",
-                        "--batch-size", "500", launcher=["--multi_gpu", "--num_processes", "3"]))
+                        "--batch-size", "500", "--dist-backend", "gloo",
+                        launcher=["--multi_gpu", "--num_processes", "3"]))
     a, b = json.loads(one.read_text()), json.loads(three.read_text())
     assert b["num_processes"] == 3 and b["n_images"] == 10000
     for key in ("nelbo", "recon", "kl", "iwae_nll"):
@@ -94,7 +95,7 @@ def _write_evil_checkpoint(path, marker):
 
 @pytest.mark.parametrize("case", ["missing", "empty_dir", "not_a_checkpoint", "truncated", "old_version",
                                   "pickle_with_code", "iwae_k_zero", "shape_mismatch", "out_is_a_folder",
-                                  "out_dir_is_a_file", "data_root_is_a_file"])
+                                  "out_dir_is_a_file", "data_root_is_a_file", "nccl_on_cpu"])
 def test_bad_inputs_are_one_line_errors(case, trained_run, tmp_path):
     marker = tmp_path / "code-ran"
     args = ["--iwae-k", "2", "--no-figures"]
@@ -126,6 +127,9 @@ def test_bad_inputs_are_one_line_errors(case, trained_run, tmp_path):
         ckpt = trained_run
         args = ["--iwae-k", "0"]
         expected = "--iwae-k: must be >= 1"
+    elif case == "nccl_on_cpu":
+        ckpt, args = trained_run, ["--iwae-k", "100000", "--dist-backend", "nccl", "--cpu"]
+        expected = "--dist-backend: nccl needs CUDA GPUs (this run is on cpu); use gloo or auto"
     elif case in ("out_is_a_folder", "out_dir_is_a_file", "data_root_is_a_file"):
         # refused before the scoring, which --iwae-k 100000 would make minutes long
         ckpt, args = trained_run, ["--iwae-k", "100000"]

@@ -86,7 +86,7 @@ def test_n_processes_train_the_1_process_model(processes, trained):
         assert row["val/loss"] == pytest.approx(alone_row["val/loss"], abs=1e-3)
         assert row["val/n_images"] == 10000  # the whole test set, nothing counted twice
         env = json.loads((ddp / "environment.json").read_text())
-        assert env["distributed_type"] == "DistributedType.MULTI_CPU"
+        assert env["distributed_type"] == "DistributedType.MULTI_CPU" and env["dist_backend"] == "gloo"
 
 
 @pytest.mark.parametrize("processes", [1, 2])

@@ -38,8 +38,16 @@ def test_short_cpu_run_writes_a_complete_run_directory(tmp_path, mnist_root):
     payload = torch.load(run_dir / "last.pt", weights_only=True)
     assert payload["epoch"] == 2 and payload["config"]["model"]["z_dim"] == 2
     assert "val/loss" in payload["metrics"]
-    # output: a line per epoch, no traceback
+    # output: a line per epoch, no traceback; the first line says which step runs and why
     assert "epoch   2" in result.stdout and "Traceback" not in result.stderr
+    assert "| step: eager (auto: runs on cpu)" in result.stdout
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["step"] == "step: eager (auto: runs on cpu)" and environment["dist_backend"] is None
+    # where this start's time went before its first step: every phase, adding up to the total
+    startup = json.loads((run_dir / "summary.json").read_text())["startup_s"]
+    phases = ("imports", "accelerator", "run_dir", "data", "model", "optimizer", "step", "run_files", "tracker")
+    assert set(startup) == {*phases, "total"} and all(startup[p] >= 0 for p in phases)
+    assert startup["total"] == pytest.approx(sum(startup[p] for p in phases), rel=1e-6)
 
 
 def test_resumed_training_equals_uninterrupted_training(tmp_path, mnist_root):

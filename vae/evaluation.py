@@ -24,7 +24,7 @@ from .data import check_data_root, ensure_mnist, gather_shares, load_mnist, shar
 from .errors import HarnessError, first_line
 from .figures import model_figures, save_figures
 from .files import file_in_the_way
-from .launch import check_processes
+from .launch import check_backend, check_processes, process_group_handlers
 from .metrics import score_batch, summarize
 from .model import VAE, negative_elbo_terms
 
@@ -118,7 +118,8 @@ def _check_outputs(out: Path, out_dir: Path | None) -> None:
 
 def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | Path | None = None,
              out_dir: str | Path | None = None, batch_size: int = 500, cpu: bool = False,
-             data_root: str | None = None, figures: bool = True, wandb: bool = False) -> dict:
+             data_root: str | None = None, figures: bool = True, wandb: bool = False,
+             dist_backend: str = "auto") -> dict:
     """Score a checkpoint on all 10,000 test images; main process writes JSON + figures. Returns the metrics.
     wandb: also log them into the W&B run of the checkpoint's run directory (see vae.tracking)."""
     if iwae_k < 1:
@@ -133,8 +134,10 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
     model, cfg, payload = load_model(path)
     if data_root is not None:
         check_data_root(data_root, "--data-root")
-    accelerator = Accelerator(cpu=cpu, log_with=tracking.log_with(wandb))
+    accelerator = Accelerator(cpu=cpu, log_with=tracking.log_with(wandb),
+                              kwargs_handlers=process_group_handlers(dist_backend, None))
     check_processes(accelerator, cpu, "evaluate.py")
+    check_backend(accelerator, dist_backend, "--dist-backend")
     console = RunConsole(accelerator.is_main_process)
     root = data_root or cfg.data.root
     with accelerator.local_main_process_first():

@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -61,11 +62,12 @@ def make_accelerator(cfg: Config) -> Accelerator:
     if cfg.train.deterministic:
         make_deterministic()
     handlers = [GradScalerKwargs(init_scale=fp16_initial_scale(cfg.train.batch_size))]  # used only under fp16
-    if cfg.train.cuda_graph:
-        handlers.append(AutocastKwargs(cache_enabled=False))  # a CUDA graph cannot hold autocast's weight cache
-    if cfg.train.dist_timeout_s is not None:
-        # Taken only where the process group is made: by this Accelerator (no PartialState exists before it).
-        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s)))
+    if cfg.train.cuda_graph is not False:
+        # A CUDA graph cannot hold autocast's weight cache. Off for auto too, decided before the device is known:
+        # each weight is used once per forward here, so the cache saves nothing and changes no number.
+        handlers.append(AutocastKwargs(cache_enabled=False))
+    # Taken only where the process group is made: by this Accelerator (no PartialState exists before it).
+    handlers += process_group_handlers(cfg.train.dist_backend, cfg.train.dist_timeout_s)
     return Accelerator(
         cpu=cfg.train.cpu,
         mixed_precision=cfg.train.mixed_precision,  # None: the launcher's --mixed_precision / config file
@@ -79,6 +81,26 @@ def make_accelerator(cfg: Config) -> Accelerator:
         # None without W&B: wandb is never imported (TensorBoard is registered by vae.tracking, see there)
         log_with=tracking.log_with("wandb" in cfg.log.active_trackers),
     )
+
+
+def process_group_handlers(backend: str, timeout_s: float | None) -> list:
+    """Accelerate's settings of the process group, for train.dist_backend / --dist-backend and
+    train.dist_timeout_s. A backend only where a group will be made: Accelerate 1.16 given one for a single
+    process takes it as distributed and fails ("Default process group has not been initialized")."""
+    settings = {}
+    if timeout_s is not None:
+        settings["timeout"] = timedelta(seconds=timeout_s)
+    if backend != "auto" and _launched_as_several():
+        settings["backend"] = backend
+    return [InitProcessGroupKwargs(**settings)] if settings else []
+
+
+def _launched_as_several() -> bool:
+    """What Accelerate reads to decide a launch is distributed (torchrun's LOCAL_RANK, or a world size)."""
+    if os.environ.get("LOCAL_RANK", "-1") != "-1":
+        return True
+    return any(int(os.environ.get(name, "1") or 1) > 1
+               for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
 
 
 # Launchers that start N copies of a script without the torch.distributed variables Accelerate reads: each copy
@@ -163,34 +185,84 @@ def check_processes(accelerator: Accelerator, cpu: bool, script: str) -> None:
                       f"so each would run alone; {fix}")
 
 
-def check_training_launch(cfg: Config, accelerator: Accelerator, console: RunConsole) -> None:
+def check_backend(accelerator: Accelerator, backend_setting: str, key: str) -> None:
+    """NCCL needs GPUs and refuses two processes on one ("Duplicate GPU detected", at the first collective, deep
+    in the run): say so before anything starts. gloo lets them share it, through the host."""
+    if backend_setting == "nccl" and accelerator.device.type != "cuda":
+        raise ConfigError(f"{key}: nccl needs CUDA GPUs (this run is on {accelerator.device}); use gloo or auto")
+    on_this_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    gpus = torch.cuda.device_count() if accelerator.device.type == "cuda" else 0
+    if accelerator.num_processes > 1 and accelerator.state.backend == "nccl" and on_this_node > gpus:
+        raise LaunchError(f"{on_this_node} processes share {gpus} GPU(s) on this node and NCCL refuses two processes "
+                          f"on one GPU; start at most {gpus} per node, or set {key}=gloo to share a GPU (slower: "
+                          f"gradients go through the host)")
+
+
+def check_training_launch(cfg: Config, accelerator: Accelerator, console: RunConsole) -> StepChoice:
+    """The launch checks of train.py; returns the training step this run uses (train.cuda_graph)."""
     check_processes(accelerator, cfg.train.cpu, "train.py")
+    check_backend(accelerator, cfg.train.dist_backend, "train.dist_backend")
     if accelerator.num_processes > cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} images per step cannot be shared by "
                           f"{accelerator.num_processes} processes; raise train.batch_size to at least "
                           f"{accelerator.num_processes} or start fewer processes")
-    if cfg.train.cuda_graph:
-        _check_cuda_graph(cfg, accelerator)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         console.warn("fp16 mixed precision does nothing on CPU (Accelerate ignores it): training in fp32. "
                      "Use bf16 for mixed precision on CPU, or fp16 on a GPU.")
+    use_tf32(cfg.train.tf32, accelerator.device, console)
+    return choose_step(cfg, accelerator.device.type, accelerator.num_processes, accelerator.mixed_precision)
 
 
-def _check_cuda_graph(cfg: Config, accelerator: Accelerator) -> None:
-    """train.cuda_graph replays one captured step: it needs CUDA, fixed work per step, and no host decision."""
-    problems = {
-        accelerator.device.type != "cuda": f"needs a CUDA device (this run is on {accelerator.device})",
-        accelerator.num_processes > 1: f"runs on one process (this run has {accelerator.num_processes})",
-        accelerator.mixed_precision == "fp16": "does not support fp16 (its loss scaler decides on the host); use "
-                                               "bf16",
-        cfg.train.compile: "and train.compile are exclusive",
-        cfg.data.on_device is False: "needs the images on the GPU (data.on_device=false keeps them on the host)",
-        cfg.train.skip_nonfinite > 0: "and train.skip_nonfinite (a per-step host check) are exclusive",
-        cfg.train.grad_accum_steps > 1: "and train.grad_accum_steps are exclusive (the graph holds one batch)",
-    }
-    for bad, why in problems.items():
-        if bad:
-            raise ConfigError(f"train.cuda_graph: {why}; set train.cuda_graph=false or change the launch")
+def use_tf32(wanted: bool, device: torch.device, console: RunConsole) -> None:
+    """train.tf32 on a GPU, either way (a second train() in the same process must not inherit the first's)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if wanted else "highest")  # "high": TF32 matrix products
+    elif wanted:
+        console.warn(f"train.tf32 does nothing on {device.type}: training in full fp32")
+
+
+@dataclass(frozen=True)
+class StepChoice:
+    """The training step a run uses (train.cuda_graph) and why, as its first line says."""
+
+    cuda_graph: bool
+    why: str
+
+    def describe(self) -> str:
+        return f"step: {'CUDA graph' if self.cuda_graph else 'eager'} ({self.why})"
+
+
+def choose_step(cfg: Config, device_type: str, processes: int, mixed_precision: str) -> StepChoice:
+    """train.cuda_graph replays one captured step: it needs CUDA, fixed work per step, and no host decision. auto
+    takes it wherever it applies; true refuses, in one line, where it does not."""
+    setting = cfg.train.cuda_graph
+    if setting is False:
+        return StepChoice(False, "train.cuda_graph=false")
+    obstacles = [(short, why) for bad, short, why in _graph_obstacles(cfg, device_type, processes, mixed_precision)
+                 if bad]
+    if setting is True and obstacles:
+        raise ConfigError(f"train.cuda_graph: {obstacles[0][1]}; set train.cuda_graph=false or change the launch")
+    if obstacles:
+        return StepChoice(False, f"auto: {obstacles[0][0]}")
+    precision = "bf16" if mixed_precision == "bf16" else "fp32"
+    return StepChoice(True, "train.cuda_graph=true" if setting is True else f"auto: one CUDA process, {precision}")
+
+
+def _graph_obstacles(cfg: Config, device_type: str, processes: int, mixed_precision: str) -> list:
+    """(applies, as auto says it, as true's error says it) for each reason the graph cannot run."""
+    return [
+        (device_type != "cuda", f"runs on {device_type}", f"needs a CUDA device (this run is on {device_type})"),
+        (processes > 1, f"{processes} processes", f"runs on one process (this run has {processes})"),
+        (mixed_precision == "fp16", "fp16",
+         "does not support fp16 (its loss scaler decides on the host); use bf16"),
+        (cfg.train.compile, "train.compile", "and train.compile are exclusive"),
+        (cfg.data.on_device is False, "data.on_device=false",
+         "needs the images on the GPU (data.on_device=false keeps them on the host)"),
+        (cfg.train.skip_nonfinite > 0, "train.skip_nonfinite",
+         "and train.skip_nonfinite (a per-step host check) are exclusive"),
+        (cfg.train.grad_accum_steps > 1, "gradient accumulation",
+         "and train.grad_accum_steps are exclusive (the graph holds one batch)"),
+    ]
 
 
 def _git_commit() -> str | None:
@@ -202,7 +274,17 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def environment_info(accelerator: Accelerator) -> dict:
+def _nccl_version() -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        version = torch.cuda.nccl.version()
+    except (AttributeError, RuntimeError):  # a build without NCCL
+        return None
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
+def environment_info(accelerator: Accelerator, step: StepChoice | None = None) -> dict:
     return {
         "started": datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": sys.argv,
@@ -217,7 +299,11 @@ def environment_info(accelerator: Accelerator) -> dict:
         platform.processor() or platform.machine(),
         "distributed_type": str(accelerator.distributed_type),
         "num_processes": accelerator.num_processes,
+        "dist_backend": accelerator.state.backend if accelerator.num_processes > 1 else None,
+        "nccl_version": _nccl_version(),
         "mixed_precision": accelerator.mixed_precision,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "step": step.describe() if step is not None else None,
         "torch_threads": torch.get_num_threads(),
         "deterministic": determinism(),
     }

@@ -39,3 +39,24 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+class StartupClock:
+    """Where a start's time goes before its first training step, phase by phase (summary.json's startup_s)."""
+
+    def __init__(self) -> None:
+        import psutil  # an accelerate dependency
+
+        self.started = time.perf_counter()
+        # The interpreter, its imports and the config, before train() began
+        self.phases = {"imports": max(0.0, time.time() - psutil.Process().create_time())}
+        self._last = self.started
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def seconds(self) -> dict:
+        """The phases marked, and the total from the process's start to the last mark."""
+        return {**self.phases, "total": self.phases["imports"] + self._last - self.started}

@@ -101,7 +101,8 @@ def follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, positi
     groups = getattr(optimizer, "optimizer", optimizer).param_groups
     saved_lr = float(inner.base_lrs[0] if inner is not None else groups[0]["lr"])  # a tensor under cuda_graph
     saved_length, saved_position = (inner.T_max, inner.last_epoch) if inner is not None else (None, None)
-    # isclose: under train.cuda_graph the saved rate is a float32 tensor (1e-3 reads back as 0.0010000000475)
+    # isclose: a state saved under train.cuda_graph by an earlier version holds the rate as a float32 tensor (1e-3
+    # reads back as 0.0010000000475)
     lr_changed = not math.isclose(saved_lr, cfg.train.lr, rel_tol=1e-6)
     schedule_changed = inner is not None and (saved_length, saved_position) != (total_steps, position)
     if not (lr_changed or schedule_changed):

@@ -16,11 +16,12 @@ import torch
 from accelerate import Accelerator
 
 from . import checkpoint
-from .config import Config
+from .config import Config, dump_yaml
 from .console import RunConsole
-from .data import check_data_root
+from .data import TrainingData, check_data_root
 from .errors import TrainingError
 from .files import file_in_the_way, open_fd
+from .launch import StepChoice, environment_info
 
 
 def read_metrics(path: Path, up_to_epoch: int) -> list[dict]:
@@ -181,6 +182,22 @@ def _bytes_held(run_dir: Path) -> int:
         except OSError:
             pass
     return held
+
+
+def write_run_files(cfg: Config, accelerator: Accelerator, console: RunConsole, history: list[dict],
+                    data: TrainingData, step: StepChoice) -> None:
+    """Main process: config.yaml, environment.json and the metrics.jsonl rows the (resumed) run keeps; the run's
+    first line."""
+    run_dir = cfg.run_dir
+    checkpoint.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+    environment = environment_info(accelerator, step)
+    checkpoint.atomic_write_text(run_dir / "environment.json", json.dumps(environment, indent=1))
+    # Epochs after the resumed state were lost with the crash; they are about to be trained again.
+    checkpoint.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    console.info(f"run directory {run_dir} | {accelerator.num_processes} process(es) on {accelerator.device} "
+                 f"({accelerator.distributed_type}) | mixed precision {accelerator.mixed_precision} | "
+                 f"global batch {cfg.train.batch_description} | {len(data.train_images)} train / "
+                 f"{len(data.test_images)} test images | {step.describe()}")
 
 
 def room_or_fail(run_dir: Path, needed: int) -> None:

@@ -17,40 +17,24 @@ from .console import RunConsole
 from .data import to_unit_float
 from .errors import TrainingError
 from .model import negative_elbo_terms
+from .optim import make_optimizer
 
 # Eager steps run on a side stream before the graph is captured, as torch.cuda.graphs asks: they initialise
 # Adam's state, cuBLAS workspaces and autocast, and they are real steps of the run (their updates count).
 GRAPH_WARMUP_STEPS = 3
 
 
-def make_optimizer(params, lr: float, device: torch.device, cuda_graph: bool) -> torch.optim.Adam:
-    """Fused Adam (one kernel for all parameters). Under a CUDA graph it must be capturable and read its learning
-    rate from a device tensor: a float would be baked into the captured kernel and a schedule would not reach it."""
-    if cuda_graph:
-        return torch.optim.Adam(params, lr=torch.tensor(lr, device=device), fused=True, capturable=True)
-    return torch.optim.Adam(params, lr=lr, fused=device.type in ("cuda", "cpu"))
-
-
-def prepare_optimization(raw_model, train: TrainConfig, accelerator: Accelerator, total_steps: int):
+def prepare_optimization(raw_model, train: TrainConfig, accelerator: Accelerator, total_steps: int,
+                         cuda_graph: bool):
     """The model, Adam and, with train.lr_schedule=cosine, its schedule, prepared by Accelerate together: (model,
     optimizer, scheduler or None). The schedule is built on Adam itself, as Accelerate expects: torch's schedulers
     watch the step of the optimizer they are given, and TrainStep calls Adam's step directly, so a schedule built on
     Accelerate's wrapper would warn at its first step that it came before any optimizer step."""
-    optimizer = make_optimizer(raw_model.parameters(), train.lr, accelerator.device, train.cuda_graph)
+    optimizer = make_optimizer(raw_model, train.lr, accelerator.device, cuda_graph)
     if train.lr_schedule != "cosine":
         return (*accelerator.prepare(raw_model, optimizer), None)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return accelerator.prepare(raw_model, optimizer, scheduler)
-
-
-def restore_step_settings(optimizer, device: torch.device, cuda_graph: bool) -> None:
-    """A loaded optimizer state brings the settings of the run that saved it (capturable or not, a float or a
-    tensor learning rate): a state saved by an eager run resumed under a CUDA graph, or the reverse, gets this
-    run's settings back, at the saved learning rate."""
-    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
-        lr = float(group["lr"])
-        group["capturable"] = cuda_graph
-        group["lr"] = torch.tensor(lr, device=device) if cuda_graph else lr
 
 
 class TrainStep:

@@ -20,15 +20,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import checkpoint, figures, perf, tracking
-from .config import Config, config_to_dict, dump_yaml
+from . import checkpoint, figures, perf, run_dir, tracking
+from .config import Config, config_to_dict
 from .console import RunConsole
 from .data import TrainingData, load_training_data
 from .ema import WeightAverage, weight_average
 from .evaluation import evaluate_test_set
 from .files import open_append
-from .launch import check_training_launch, cpu_threads, environment_info, make_accelerator
+from .launch import StepChoice, check_training_launch, cpu_threads, make_accelerator
 from .model import VAE
+from .optim import restore_step_settings
 from .preemption import WARNINGS, StoppedToResume, StopRequest, leave_after_checkpoint, record_start
 from .profiling import StepProfiler
 from .progress import ProgressReport
@@ -42,7 +43,6 @@ from .step import (
     applied_updates,
     make_train_step,
     prepare_optimization,
-    restore_step_settings,
     stop_if_not_finite,
 )
 
@@ -66,13 +66,14 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
-    started = time.perf_counter()
+    clock = perf.StartupClock()
     check_paths(cfg)  # before anything is made or written: a user's own folder is left alone
     accelerator = make_accelerator(cfg)
     if threads := cpu_threads(cfg, accelerator):
         torch.set_num_threads(threads)
     console = RunConsole(accelerator.is_main_process)
-    check_training_launch(cfg, accelerator, console)
+    step_choice = check_training_launch(cfg, accelerator, console)
+    clock.mark("accelerator")
     # The run directory: this training's alone (a second one there stops here), resumed or started afresh.
     resume, lock = prepare_run_dir(cfg, accelerator, console)
     if lock is not None:
@@ -87,14 +88,20 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     cleanup.callback(stop.uninstall)
     if accelerator.is_main_process:
         record_start(cfg.run_dir)
-    loop = _build_loop(cfg, accelerator, console, load_training_data(cfg, accelerator, console.info), stop)
+    clock.mark("run_dir")
+    data = load_training_data(cfg, accelerator, console.info)
+    clock.mark("data")
+    loop = _build_loop(cfg, accelerator, console, data, stop, step_choice, clock)
     cleanup.callback(loop.profiler.stop)
     state = _resume(loop) if resume else RunState()
     first_step = state.step
-    _write_run_files(loop, state)
+    if accelerator.is_main_process:
+        run_dir.write_run_files(cfg, accelerator, console, state.history, loop.data, step_choice)
+    clock.mark("resume" if resume else "run_files")
     loop.tracker = tracking.Tracker.start(accelerator, console, log=cfg.log, run_name=cfg.run.name, resumed=resume,
                                           run_dir=cfg.run_dir, config=loop.config_dict, resumed_at=first_step)
     loop.tracker.define_epoch_metrics()
+    clock.mark("tracker")
     evaluation, drawn = None, None
     try:
         if stop.agreed(accelerator, state.step, every_step=True, warnings_only=True):
@@ -111,7 +118,7 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         console.info(stopped_early)
     elif evaluation is None:  # nothing left to train: the run had already reached train.epochs
         console.info(f"{cfg.run_dir} already finished {cfg.train.epochs} epochs; raise train.epochs to train further")
-    return _finish(loop, state, evaluation or loop.test_pass(), drawn, time.perf_counter() - started)
+    return _finish(loop, state, evaluation or loop.test_pass(), drawn, time.perf_counter() - clock.started)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,6 +140,8 @@ class Loop:
     nonfinite: NonFiniteSteps
     stop: StopRequest
     profiler: StepProfiler
+    step_choice: StepChoice  # the eager step or the CUDA graph, and why
+    startup: perf.StartupClock
     tracker: tracking.Tracker | None = None
 
     @property
@@ -168,16 +177,19 @@ class Loop:
 
 
 def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data: TrainingData,
-                stop: StopRequest) -> Loop:
+                stop: StopRequest, step_choice: StepChoice, clock: perf.StartupClock) -> Loop:
     # Every rank is seeded alike and stays alike: the training noise of a global batch is drawn whole on every
     # rank (vae.step), so 1 or N processes train the same model.
     set_seed(cfg.train.seed)
     raw_model = VAE.from_config(cfg.model).to(accelerator.device)
+    clock.mark("model")
+    # The first optimizer imports torch._dynamo (torch.optim's methods are wrapped by torch._disable_dynamo)
     model, optimizer, scheduler = prepare_optimization(raw_model, cfg.train, accelerator,
-                                                      total_steps=cfg.train.epochs * len(data.batches))
+                                                      cfg.train.epochs * len(data.batches), step_choice.cuda_graph)
+    clock.mark("optimizer")
     if cfg.train.compile:  # after prepare: the saved states keep the module's own parameter names
         model = torch.compile(model)
-    train_step = make_train_step(cfg.train.cuda_graph, model, optimizer, accelerator, data.train_images,
+    train_step = make_train_step(step_choice.cuda_graph, model, optimizer, accelerator, data.train_images,
                                  cfg.model.z_dim, full_batch=cfg.train.update_batch,
                                  guard_nonfinite=cfg.train.skip_nonfinite > 0,
                                  accum_steps=cfg.train.grad_accum_steps)
@@ -187,36 +199,21 @@ def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data
     profiler = StepProfiler(cfg.train.profile_steps, cfg.run_dir, accelerator.device, console,
                             enabled=accelerator.is_main_process)
     ema = weight_average(raw_model, cfg.train.ema_decay, accelerator)
+    clock.mark("step")
     return Loop(cfg, accelerator, console, data, raw_model, ema, train_step, scheduler,
-                NonFiniteSteps(cfg.train.skip_nonfinite, console), stop, profiler)
+                NonFiniteSteps(cfg.train.skip_nonfinite, console), stop, profiler, step_choice, clock)
 
 
 def _resume(loop: Loop) -> RunState:
     """The newest full state that loads, with this start's settings applied on top (vae.resume)."""
     cfg, optimizer = loop.cfg, loop.train_step.optimizer
     state = resume_full_state(loop.accelerator, cfg.run_dir, cfg, loop.console)
-    restore_step_settings(optimizer, loop.accelerator.device, cfg.train.cuda_graph)
+    restore_step_settings(optimizer, loop.accelerator.device)
     check_mid_epoch_resume(cfg, state)
     steps = loop.steps_per_epoch
     follow_config_lr(optimizer, loop.scheduler, cfg, cfg.train.epochs * steps,
                      (state.epoch - 1) * steps + state.batches_done, loop.console)
     return state
-
-
-def _write_run_files(loop: Loop, state: RunState) -> None:
-    """config.yaml, environment.json and the metrics.jsonl rows the (resumed) run keeps; the run's first line."""
-    cfg, accelerator = loop.cfg, loop.accelerator
-    if not accelerator.is_main_process:
-        return
-    run_dir, data = cfg.run_dir, loop.data
-    checkpoint.atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    checkpoint.atomic_write_text(run_dir / "environment.json", json.dumps(environment_info(accelerator), indent=1))
-    # Epochs after the resumed state were lost with the crash; they are about to be trained again.
-    checkpoint.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
-    loop.console.info(f"run directory {run_dir} | {accelerator.num_processes} process(es) on {accelerator.device} "
-                      f"({accelerator.distributed_type}) | mixed precision {accelerator.mixed_precision} | "
-                      f"global batch {cfg.train.batch_description} | {len(data.train_images)} train / "
-                      f"{len(data.test_images)} test images" + (" | CUDA graph" if cfg.train.cuda_graph else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -383,13 +380,14 @@ def _finish(loop: Loop, state: RunState, evaluation: dict, drawn: dict | None, w
         "run_dir": str(cfg.run_dir),
         "stopped_early": state.stops_early(cfg.train.early_stop_patience),
         "weights": "ema" if loop.ema is not None else "trained",  # what last.pt and best.pt hold
+        "startup_s": loop.startup.seconds(),  # this start's, before its first step (a resume's own)
     }
     if accelerator.is_main_process:
         if cfg.log.figures:
             drawn = drawn or _draw(loop, evaluation)
             figures.save_figures({"loss.png": figures.loss_curve(history), **drawn}, cfg.run_dir)
         checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(final, indent=1))
-        hidden = ("param_checksum_per_rank", "run_dir", "stopped_early", "weights")
+        hidden = ("param_checksum_per_rank", "run_dir", "stopped_early", "weights", "startup_s")
         shown = {k: v for k, v in final.items() if k not in hidden}
         loop.console.summary_table(f"{cfg.run_dir}: done", shown)
         loop.tracker.summary({**{k: v for k, v in shown.items() if k != "train/loss"},

@@ -46,7 +46,7 @@ if __name__ == "__main__":
         train(load_config("configs/debug.yaml", [
             f"run.dir={root}/b{batch}", f"data.root={data_root}", f"train.batch_size={size}",
             f"train.grad_accum_steps={accumulated or 1}", f"data.train_subset={images}", "train.cpu=true",
-            "log.wandb=false", "log.figures=false", "log.every_steps=7"]))
+            "train.dist_backend=gloo", "log.wandb=false", "log.figures=false", "log.every_steps=7"]))
         if PartialState().is_main_process:
             (Path(root) / f"b{batch}" / "allreduces.json").write_text(json.dumps(allreduces))
         allreduces = 0
