@@ -85,7 +85,8 @@ clean:
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
 
 # One-shot check on a rented GPU machine: its own Python (no venv, no pip, no network), the repo on PYTHONPATH.
-#   make gpu-check OUT=gpu-report [BUDGET=seconds]  (report.md, report.json and logs in OUT; see benchmarks/gpu_check.py)
+#   make gpu-check OUT=gpu-report [BUDGET=seconds]  (470 s by default: every step capped, under 8 minutes in all;
+#   report.md, report.json and logs in OUT; the steps and their caps: docs/gpu.md, benchmarks/gpu_check.py)
 GPU_PYTHON ?= python3
 .PHONY: gpu-check
 gpu-check:

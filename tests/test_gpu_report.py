@@ -9,7 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_check  # noqa: E402
+import gpu_report  # noqa: E402
 
 H200 = REPO / "docs" / "gpu"
 
@@ -22,7 +22,7 @@ def report():
 
 
 def _by_target(report) -> dict:
-    return {t["target"].split(":")[0]: t for t in gpu_check.targets(report)}
+    return {t["target"].split(":")[0]: t for t in gpu_report.targets(report)}
 
 
 def test_the_h200_targets_read_as_measured(report):
@@ -38,7 +38,7 @@ def test_the_graph_target_reads_only_the_harness_graph_step_not_the_compiled_exp
 
 
 def test_the_step_profile_shows_launch_cost_every_variant_and_the_costliest_kernels(report):
-    text = "\n".join(gpu_check._md_step_profile(report))
+    text = "\n".join(gpu_report._md_step_profile(report))
     assert "One tiny kernel on this machine: 11.2 us launched eagerly from Python, 0.85 us inside a CUDA graph" in text
     for variant in ("eager", "graph", "compiled", "compiled + graph"):
         assert f"| 50 | {variant} |" in text and f"| 1024 | {variant} |" in text
@@ -48,6 +48,6 @@ def test_the_step_profile_shows_launch_cost_every_variant_and_the_costliest_kern
 
 def test_a_variant_that_failed_is_a_row_of_its_own_and_the_whole_report_still_renders(report):
     report["step_profile"]["rows"].append({"batch_size": 50, "variant": "compiled + graph", "error": "no Triton"})
-    assert "| 50 | compiled + graph | failed: no Triton |" in "\n".join(gpu_check._md_step_profile(report))
-    markdown = gpu_check.render_markdown(report)
+    assert "| 50 | compiled + graph | failed: no Triton |" in "\n".join(gpu_report._md_step_profile(report))
+    markdown = gpu_report.render_markdown(report)
     assert markdown.startswith("# GPU check: NVIDIA H200") and "## Targets" in markdown
