@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="use the CPU even when a GPU is present")
     parser.add_argument("--dist-backend", choices=("auto", "nccl", "gloo"), default="auto",
                         help="process group backend with several processes (gloo: several processes on one GPU)")
+    parser.add_argument("--fcd-samples", type=int, default=10_000,
+                        help="prior samples scored by the Fréchet classifier distance (0: off)")
     parser.add_argument("--no-figures", action="store_true", help="metrics only")
     parser.add_argument("--wandb", action="store_true",
                         help="also log the metrics and figures into the W&B run of the checkpoint's run directory")
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
         evaluate(args.ckpt, iwae_k=args.iwae_k, seed=args.seed, out=args.out, out_dir=args.out_dir,
                  batch_size=args.batch_size, cpu=args.cpu, data_root=args.data_root,
-                 figures=not args.no_figures, wandb=args.wandb, dist_backend=args.dist_backend)
+                 figures=not args.no_figures, wandb=args.wandb, dist_backend=args.dist_backend,
+                 fcd_samples=args.fcd_samples)
 
     return run_entry_point(evaluation_run, "the checkpoint is only read, never changed: run the same command again")
 

@@ -24,7 +24,7 @@ from vae.config import load_config  # noqa: E402
 from vae.data import EpochBatches, ensure_mnist, load_mnist  # noqa: E402
 from vae.errors import first_line  # noqa: E402
 from vae.launch import make_accelerator  # noqa: E402
-from vae.model import VAE  # noqa: E402
+from vae.models import build_model  # noqa: E402
 from vae.step import make_train_step, prepare_optimization  # noqa: E402
 
 
@@ -52,13 +52,13 @@ def _build(images: torch.Tensor, batch_size: int, variant: str):
     cfg = load_config(None, ["log.wandb=false", f"train.batch_size={batch_size}",
                              f"train.cuda_graph={str(cuda_graph).lower()}"])
     accelerator = make_accelerator(cfg)
-    raw_model = VAE.from_config(cfg.model).to(accelerator.device)
+    raw_model = build_model(cfg.model, (1, 28, 28)).to(accelerator.device)
     if variant == "graph, fused Adam":
         adam = torch.optim.Adam(raw_model.parameters(), lr=torch.tensor(cfg.train.lr, device=accelerator.device),
                                 fused=True, capturable=True)
         model, optimizer = accelerator.prepare(raw_model, adam)
     else:
-        model, optimizer, _ = prepare_optimization(raw_model, cfg.train, accelerator, total_steps=1,
+        model, optimizer, _ = prepare_optimization(raw_model, cfg.train, accelerator, steps_per_epoch=1,
                                                    cuda_graph=cuda_graph)
     if compiled:
         model = torch.compile(model)

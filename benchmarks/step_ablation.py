@@ -21,7 +21,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vae.data import ensure_mnist, load_mnist, to_unit_float  # noqa: E402
-from vae.model import VAE, negative_elbo_terms, reparameterize  # noqa: E402
+from vae.models import MLPVAE as VAE  # noqa: E402
+from vae.models import reparameterize  # noqa: E402
+from vae.objectives import negative_elbo_terms  # noqa: E402
 
 
 class TwoHeadVAE(VAE):

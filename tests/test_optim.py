@@ -11,7 +11,8 @@ import torch
 from accelerate import Accelerator
 
 from vae.config import load_config
-from vae.model import VAE, negative_elbo_terms
+from vae.models import VAE, build_model
+from vae.objectives import negative_elbo_terms
 from vae.optim import FlatAdam, make_optimizer, restore_step_settings
 
 STEPS = 200
@@ -21,7 +22,7 @@ BATCH = 32
 def _model() -> VAE:
     """The tutorial's VAE, narrower: 200 steps of it in a second or two, every layer kind the same."""
     torch.manual_seed(0)
-    return VAE.from_config(load_config(None, ["model.hidden=[64]"]).model)
+    return build_model(load_config(None, ["model.hidden=[64]"]).model, (1, 28, 28))
 
 
 def _images(mnist_images: torch.Tensor, step: int) -> torch.Tensor:
@@ -50,6 +51,16 @@ def _assert_same(flat_model, flat_adam, torch_model, torch_adam, rtol=1e-6) -> N
             torch.testing.assert_close(flat_adam.state[a][key], torch_adam.state[b][key], rtol=rtol, atol=1e-9,
                                        msg=lambda m, n=name, k=key: f"{n} {k}: {m}")
         assert float(flat_adam.state[a]["step"]) == float(torch_adam.state[b]["step"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A small model's steps on one thread: two threads on a busy 2-core machine wait for each other at every
+    operator (ten times slower here), and the comparisons do not depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,11 @@ import torch
 from accelerate import Accelerator
 
 from vae.config import ConfigError, load_config
+from vae.console import RunConsole
 from vae.launch import choose_step
-from vae.model import VAE
-from vae.step import make_train_step, prepare_optimization
+from vae.models import build_model
+from vae.resume import follow_config_lr
+from vae.step import IwaeStages, make_train_step, prepare_optimization
 
 STEPS = 4
 
@@ -19,8 +21,8 @@ STEPS = 4
 def test_the_schedule_sees_every_adam_step_so_torch_never_warns_of_the_wrong_order(schedule):
     cfg = load_config("configs/debug.yaml", [f"train.lr_schedule={schedule}", "train.batch_size=4"])
     accelerator = Accelerator(cpu=True)
-    model, optimizer, scheduler = prepare_optimization(VAE.from_config(cfg.model), cfg.train, accelerator,
-                                                       total_steps=STEPS, cuda_graph=False)
+    model, optimizer, scheduler = prepare_optimization(build_model(cfg.model, (1, 28, 28)), cfg.train, accelerator,
+                                                       steps_per_epoch=STEPS, cuda_graph=False)
     images = torch.randint(0, 256, (8, 784), dtype=torch.uint8)
     step = make_train_step(False, model, optimizer, accelerator, images, cfg.model.z_dim, full_batch=4)
     with warnings.catch_warnings():
@@ -33,6 +35,45 @@ def test_the_schedule_sees_every_adam_step_so_torch_never_warns_of_the_wrong_ord
     expected = cfg.train.lr * (1 + math.cos(math.pi * 2 / STEPS)) / 2 if schedule == "cosine" else cfg.train.lr
     assert step.lr == pytest.approx(expected)
     assert (scheduler is None) == (schedule == "constant")
+
+
+def test_the_iwae_schedule_has_the_papers_stages_of_3_to_the_i_epochs():
+    """Burda et al. (2015): 3^i epochs at 1e-3 x 10^(-i/7), i = 0..7 (3,280 epochs)."""
+    ends = [sum(3**j for j in range(i + 1)) for i in range(8)]
+    assert ends == [1, 4, 13, 40, 121, 364, 1093, 3280]
+    for stage, end in enumerate(ends):
+        first = ends[stage - 1] + 1 if stage else 1
+        assert IwaeStages.stage_of_epoch(first) == IwaeStages.stage_of_epoch(end) == stage
+    assert IwaeStages.stage_of_epoch(5000) == 7
+    stages = IwaeStages(steps_per_epoch=10)
+    steps = (0, 9, 10, 39, 40, 130, 400)  # epochs 1, 1, 2, 4, 5, 14, 41
+    assert [stages(step) for step in steps] == pytest.approx([10 ** (-i / 7) for i in (0, 0, 1, 1, 2, 3, 4)])
+
+
+def _optimization(*overrides, steps_per_epoch=10, cuda_graph=False):
+    cfg = load_config("configs/debug.yaml", ["train.batch_size=4", *overrides])
+    parts = prepare_optimization(build_model(cfg.model, (1, 28, 28)), cfg.train, Accelerator(cpu=True),
+                                 steps_per_epoch=steps_per_epoch, cuda_graph=cuda_graph)
+    return cfg, *parts
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["torch_adam", "flat_adam"])
+def test_adams_betas_and_epsilon_come_from_the_config(cuda_graph):
+    _, _, optimizer, _ = _optimization("train.adam_betas=[0.9, 0.99]", "train.adam_eps=1e-4", cuda_graph=cuda_graph)
+    group = optimizer.param_groups[0]
+    assert (tuple(group["betas"]), group["eps"]) == ((0.9, 0.99), 1e-4)
+
+
+def test_the_iwae_schedule_steps_with_the_optimizer_and_a_resume_follows_the_epoch_not_the_step():
+    cfg, _, optimizer, scheduler = _optimization("train.lr_schedule=iwae")
+    for _ in range(10):  # epoch 1 (stage 0); the schedule steps once per batch
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 10 ** (-1 / 7))  # epoch 2 starts stage 1
+    # Resumed at epoch 5, batch 0, with 20 steps per epoch now (a new batch size): stage 2, from the epoch
+    cfg, _, optimizer, scheduler = _optimization("train.lr_schedule=iwae", steps_per_epoch=20)
+    follow_config_lr(optimizer, scheduler, cfg, cfg.train.epochs * 20, 4 * 20, RunConsole(False))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 10 ** (-2 / 7))
 
 
 GRAPH_CASES = [  # (device, processes, mixed precision, overrides) -> the step auto chooses, and why

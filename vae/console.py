@@ -81,4 +81,5 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (`error: ...; usage: ...`) instead of a usage block."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message}; usage: {self.format_usage().strip().removeprefix('usage: ')}\n")
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")  # argparse wraps a long usage
+        self.exit(2, f"error: {message}; usage: {usage}\n")

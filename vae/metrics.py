@@ -15,11 +15,13 @@ import math
 
 import torch
 
-from .model import VAE, kl_to_standard_normal, reconstruction_nats
+from .models import VAE
+from .objectives import kl_to_standard_normal, log_normal, reconstruction_nats
 
-LOG_2PI = math.log(2 * math.pi)
-# The k importance samples of an image are decoded this many at a time (memory: batch x chunk x 784 floats).
-IWAE_CHUNK = 128
+# The k importance samples of a batch's images are decoded at most this many at a time, a chunk of samples per
+# image: the memory is this many times what the decoder holds per sample (about 5 KB for the tutorial's mlp,
+# 80 KB for configs/z20_conv.yaml's conv), whatever the batch size and k.
+IWAE_DECODES = 8192
 
 
 def per_image_noise(indices: torch.Tensor, count: int, z_dim: int, seed: int,
@@ -34,15 +36,10 @@ def per_image_noise(indices: torch.Tensor, count: int, z_dim: int, seed: int,
     return torch.stack(rows).to(device)
 
 
-def _log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """log N(z; mu, diag(exp(logvar))), summed over the last dimension."""
-    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) / logvar.exp()).sum(-1)
-
-
 @torch.no_grad()
 def score_batch(model: VAE, x: torch.Tensor, indices: torch.Tensor, *, iwae_k: int, seed: int) -> dict:
-    """Per-image metrics for one batch: x [B, 784] in [0, 1], indices [B] global image indices."""
-    mu, logvar = model.encoder(x)
+    """Per-image metrics for one batch: x [B, D] in [0, 1], indices [B] global image indices."""
+    mu, logvar = model.encode(x)
     mu, logvar = mu.float(), logvar.float()
     z_dim = mu.shape[1]
     # The -ELBO sample is drawn on its own: as row 0 of the k importance samples' draw it changed with k (torch
@@ -51,17 +48,18 @@ def score_batch(model: VAE, x: torch.Tensor, indices: torch.Tensor, *, iwae_k: i
     eps = per_image_noise(indices, 1 + iwae_k, z_dim, seed, x.device)  # [:, 1:]: the k importance samples
     std = (0.5 * logvar).exp()
 
-    recon = reconstruction_nats(model.decoder(mu + elbo_eps * std), x)
+    recon = reconstruction_nats(model.decode(mu + elbo_eps * std), x)
     kl = kl_to_standard_normal(mu, logvar)
 
     # IWAE, decoded in chunks of samples so that k = 5000 fits in memory.
     log_weights = []
-    for start in range(0, iwae_k, IWAE_CHUNK):
-        z = mu[:, None] + eps[:, 1 + start: 1 + start + IWAE_CHUNK] * std[:, None]  # [B, chunk, z]
-        logits = model.decoder(z)  # [B, chunk, 784]
+    chunk = max(1, IWAE_DECODES // len(x))
+    for start in range(0, iwae_k, chunk):
+        z = mu[:, None] + eps[:, 1 + start: 1 + start + chunk] * std[:, None]  # [B, chunk, z]
+        logits = model.decode(z)  # [B, chunk, D]
         log_px_z = -reconstruction_nats(logits, x[:, None, :].expand_as(logits))
-        log_pz = _log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
-        log_qz = _log_normal(z, mu[:, None], logvar[:, None])
+        log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
+        log_qz = log_normal(z, mu[:, None], logvar[:, None])
         log_weights.append(log_px_z + log_pz - log_qz)
     log_w = torch.cat(log_weights, dim=1)
     iwae_nll = -(torch.logsumexp(log_w, dim=1) - math.log(iwae_k))

@@ -19,14 +19,16 @@ import torch
 from .errors import HarnessError
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, cuda_graph: bool) -> torch.optim.Adam:
+def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, cuda_graph: bool,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Adam:
     """Under a CUDA graph: FlatAdam, capturable, with the learning rate in a float64 device tensor (a float would be
     baked into the captured kernels and a schedule would not reach them; float64 as torch's float rate). Else fused
     Adam (one kernel for all)."""
     if cuda_graph:
         keep_state_dict_tensors_apart(model)
-        return FlatAdam(model.parameters(), lr=torch.tensor(lr, dtype=torch.float64, device=device))
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cuda", "cpu"))
+        return FlatAdam(model.parameters(), lr=torch.tensor(lr, dtype=torch.float64, device=device), betas=betas,
+                        eps=eps)
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps, fused=device.type in ("cuda", "cpu"))
 
 
 def restore_step_settings(optimizer, device: torch.device) -> None:

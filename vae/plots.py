@@ -1,6 +1,8 @@
 """The tutorial's figures as matplotlib Figures. Pure drawing: callers decide where (and whether) to save them.
 
-Uses matplotlib's object API (no pyplot), so nothing depends on a display or a global backend.
+Images come as rows [N, D] in [0, 1], D = C * H * W flattened from [C, H, W] (`image_shape`): grey (C = 1) or RGB
+(C = 3), of any size. Uses matplotlib's object API (no pyplot), so nothing depends on a display or a global
+backend.
 """
 
 from __future__ import annotations
@@ -9,27 +11,59 @@ import os
 from pathlib import Path
 
 import torch
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .datasets.base import DIGITS
 from .files import create_new
 
-DIGIT_COLORS = "tab10"
+MNIST_SHAPE = (1, 28, 28)
+PADDING = 2  # pixels of white between the images of a grid
+MAX_CLASS_TICKS = 30  # more class names than this on the colour bar would overlap: every k-th is written
 
 
-def _grid_image(images: torch.Tensor, nrow: int, padding: int = 2) -> torch.Tensor:
-    """[N, 784] in [0, 1] -> [H, W] image of a grid of 28x28 digits, `nrow` per row, on white, laid out as
+def _grid_image(images: torch.Tensor, nrow: int, image_shape: tuple[int, int, int] = MNIST_SHAPE,
+                padding: int = PADDING) -> torch.Tensor:
+    """[N, D] in [0, 1] -> one image of a grid of them, `nrow` per row, on white, laid out as
     torchvision.utils.make_grid lays them (whose package import, which pulls in torch._dynamo, would cost every
-    run seconds of start-up)."""
-    tiles = images.detach().float().cpu().clamp(0, 1).reshape(-1, 28, 28)
+    run seconds of start-up): [height, width] for grey images, [height, width, 3] for RGB (as imshow takes them)."""
+    channels, height, width = image_shape
+    tiles = images.detach().float().cpu().clamp(0, 1).reshape(-1, channels, height, width)
     columns = min(nrow, len(tiles))
     rows = -(-len(tiles) // columns)
-    cell = 28 + padding
-    grid = torch.ones(rows * cell + padding, columns * cell + padding)
+    grid = torch.ones(channels, rows * (height + padding) + padding, columns * (width + padding) + padding)
     for index, tile in enumerate(tiles):
-        top, left = (index // columns) * cell + padding, (index % columns) * cell + padding
-        grid[top: top + 28, left: left + 28] = tile
-    return grid
+        top = (index // columns) * (height + padding) + padding
+        left = (index % columns) * (width + padding) + padding
+        grid[:, top: top + height, left: left + width] = tile
+    return grid[0] if channels == 1 else grid.permute(1, 2, 0)
+
+
+def _show_grid(ax, images: torch.Tensor, nrow: int, image_shape: tuple[int, int, int]) -> None:
+    # grey images through a grey colormap from 0 to 1; RGB ones are their own colours
+    ax.imshow(_grid_image(images, nrow, image_shape).numpy(), cmap="gray", vmin=0, vmax=1)
+
+
+def _centers(count: int, size: int) -> list[float]:
+    """Where the middle of each of `count` tiles of `size` pixels lies along a grid's axis (for tick marks)."""
+    return [PADDING + (size + PADDING) * i + size / 2 for i in range(count)]
+
+
+def class_colors(count: int) -> ListedColormap:
+    """One distinct colour per class: tab10 up to 10 classes; up to 20, tab20's ten dark shades, then its ten light
+    ones (in its own order a dark and a light shade of one hue alternate, and neighbouring classes would look
+    alike); beyond that, evenly spaced hues of turbo (no palette keeps dozens of classes each recognisable)."""
+    from matplotlib import colormaps
+
+    if count <= 10:
+        colors = colormaps["tab10"].colors[:count]
+    elif count <= 20:
+        tab20 = colormaps["tab20"].colors
+        colors = (tab20[0::2] + tab20[1::2])[:count]
+    else:
+        colors = colormaps["turbo"](torch.linspace(0.0, 1.0, count).tolist())
+    return ListedColormap(colors, name=f"classes{count}")
 
 
 def loss_curve(history: list[dict]) -> Figure:
@@ -65,23 +99,25 @@ def val_loss_curves(curves: dict[str, list[tuple[int, float]]]) -> Figure:
     return fig
 
 
-def reconstructions(originals: torch.Tensor, reconstructed: torch.Tensor) -> Figure:
+def reconstructions(originals: torch.Tensor, reconstructed: torch.Tensor,
+                    image_shape: tuple[int, int, int] = MNIST_SHAPE) -> Figure:
     """Top row originals, bottom row their reconstructions (as in the tutorial)."""
     n = len(originals)
     fig = Figure(figsize=(1.0 * n, 2.4), layout="constrained")
     ax = fig.add_subplot()
-    ax.imshow(_grid_image(torch.cat([originals, reconstructed]), nrow=n), cmap="gray", vmin=0, vmax=1)
+    _show_grid(ax, torch.cat([originals, reconstructed]), n, image_shape)
     ax.set_xticks([])
-    ax.set_yticks([14, 44], labels=["original", "reconstruction"])
-    ax.set_title("Test digits and their reconstructions (decoded posterior mean)")
+    ax.set_yticks(_centers(2, image_shape[1]), labels=["original", "reconstruction"])
+    ax.set_title("Test images and their reconstructions (decoded posterior mean)")
     return fig
 
 
-def samples(images: torch.Tensor, title: str = "Samples: decoder(z), z ~ N(0, I)") -> Figure:
+def samples(images: torch.Tensor, title: str = "Samples: decoder(z), z ~ N(0, I)",
+            image_shape: tuple[int, int, int] = MNIST_SHAPE) -> Figure:
     nrow = int(len(images) ** 0.5)
     fig = Figure(figsize=(6, 6.3), layout="constrained")
     ax = fig.add_subplot()
-    ax.imshow(_grid_image(images, nrow=nrow), cmap="gray", vmin=0, vmax=1)
+    _show_grid(ax, images, nrow, image_shape)
     ax.set_axis_off()
     ax.set_title(title)
     return fig
@@ -101,15 +137,18 @@ def project_2d(latents: torch.Tensor) -> tuple[torch.Tensor, str, str]:
     return projected, f"PC 1 ({explained[0]:.0%} of variance)", f"PC 2 ({explained[1]:.0%} of variance)"
 
 
-def latent_scatter(latents: torch.Tensor, labels: torch.Tensor) -> Figure:
+def latent_scatter(latents: torch.Tensor, labels: torch.Tensor, class_names: tuple[str, ...] = DIGITS) -> Figure:
+    """The test set's latent means, coloured by class, the colour bar naming the classes."""
     points, xlabel, ylabel = project_2d(latents)
-    z_dim = latents.shape[1]
+    z_dim, count = latents.shape[1], len(class_names)
     fig = Figure(figsize=(7, 6), layout="constrained")
     ax = fig.add_subplot()
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu(), cmap=DIGIT_COLORS, s=2, alpha=0.7,
-                         vmin=-0.5, vmax=9.5, rasterized=True)
-    colorbar = fig.colorbar(scatter, ax=ax, ticks=range(10))
-    colorbar.set_label("digit")
+    scatter = ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), c=labels.cpu().numpy(), s=2, alpha=0.7,
+                         cmap=class_colors(count), vmin=-0.5, vmax=count - 0.5, rasterized=True)
+    every = -(-count // MAX_CLASS_TICKS)
+    colorbar = fig.colorbar(scatter, ax=ax, ticks=range(0, count, every))
+    colorbar.set_ticklabels(class_names[::every])
+    colorbar.set_label("class")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     how = "latent means" if z_dim <= 2 else f"latent means, 2-D PCA projection of z={z_dim}"
@@ -129,31 +168,31 @@ def save(fig: Figure, path: Path, dpi: int = 100) -> Path:
     return path
 
 
-def manifold(images: torch.Tensor, quantiles: torch.Tensor) -> Figure:
+def manifold(images: torch.Tensor, quantiles: torch.Tensor, image_shape: tuple[int, int, int] = MNIST_SHAPE) -> Figure:
     """Decoder outputs over a grid of standard-normal quantiles (z=2), as in Kingma & Welling's Figure 4.
-    images: [n*n, 784] in row-major order of (z[1] from high to low, z[0] from low to high)."""
+    images: [n*n, D] in row-major order of (z[1] from high to low, z[0] from low to high)."""
     n = len(quantiles)
     fig = Figure(figsize=(8, 8.4), layout="constrained")
     ax = fig.add_subplot()
-    grid = _grid_image(images, nrow=n)
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-    centers = [2 + 30 * i + 14 for i in range(n)]
+    _show_grid(ax, images, n, image_shape)
     step = max(1, n // 5)
-    ax.set_xticks(centers[::step], labels=[f"{q:.2f}" for q in quantiles[::step].tolist()])
-    ax.set_yticks(centers[::step], labels=[f"{q:.2f}" for q in quantiles.flip(0)[::step].tolist()])
+    ax.set_xticks(_centers(n, image_shape[2])[::step], labels=[f"{q:.2f}" for q in quantiles[::step].tolist()])
+    ax.set_yticks(_centers(n, image_shape[1])[::step],
+                  labels=[f"{q:.2f}" for q in quantiles.flip(0)[::step].tolist()])
     ax.set_xlabel("z[0]")
     ax.set_ylabel("z[1]")
     ax.set_title("Learned manifold: decoder over standard-normal quantiles of z")
     return fig
 
 
-def interpolations(images: torch.Tensor, pairs: int) -> Figure:
-    """images: [pairs * steps, 784], one row per pair, decoded along a straight line between two latent means."""
+def interpolations(images: torch.Tensor, pairs: int, image_shape: tuple[int, int, int] = MNIST_SHAPE) -> Figure:
+    """images: [pairs * steps, D], one row per pair, decoded along a straight line between two latent means."""
     steps = len(images) // pairs
     fig = Figure(figsize=(0.8 * steps, 0.8 * pairs + 0.5), layout="constrained")
     ax = fig.add_subplot()
-    ax.imshow(_grid_image(images, nrow=steps), cmap="gray", vmin=0, vmax=1)
-    ax.set_xticks([14, 2 + 30 * (steps - 1) + 14], labels=["test digit A", "test digit B"])
+    _show_grid(ax, images, steps, image_shape)
+    ends = _centers(steps, image_shape[2])
+    ax.set_xticks([ends[0], ends[-1]], labels=["test image A", "test image B"])
     ax.set_yticks([])
     ax.set_title("Latent interpolation: decoder((1 - t) mu_A + t mu_B), t from 0 to 1")
     return fig

@@ -30,5 +30,6 @@ class ProgressReport:
         if self.loop.tracker is not None:
             self.loop.tracker.log({"train/loss": current, "train/recon": recon_sum / images,
                                    "train/kl": kl_sum / images, "train/lr": self.loop.train_step.lr,
-                                   "train/samples_per_s": images / max(now - self.reported_at, 1e-9)}, step=step)
+                                   "train/samples_per_s": images / max(now - self.reported_at, 1e-9),
+                                   **self.loop.train_step.objective.logged(step)}, step=step)
         self.reported, self.reported_seen, self.reported_at = self.sums.clone(), seen, now

@@ -99,6 +99,9 @@ def follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, positi
     rate. Nothing is touched when nothing changed, so an unchanged resume stays bit-exact."""
     inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
     groups = getattr(optimizer, "optimizer", optimizer).param_groups
+    if isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
+        _follow_stages(inner, groups, cfg, position, console)
+        return
     saved_lr = float(inner.base_lrs[0] if inner is not None else groups[0]["lr"])  # a tensor under cuda_graph
     saved_length, saved_position = (inner.T_max, inner.last_epoch) if inner is not None else (None, None)
     # isclose: a state saved under train.cuda_graph by an earlier version holds the rate as a float32 tensor (1e-3
@@ -116,12 +119,7 @@ def follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, positi
         progress = min(position, total_steps) / total_steps
         lr_now = inner.eta_min + (cfg.train.lr - inner.eta_min) * (1 + math.cos(math.pi * progress)) / 2
         inner._last_lr = [lr_now] * len(inner.base_lrs)
-    for group in groups:
-        group["initial_lr"] = cfg.train.lr
-        if isinstance(group["lr"], torch.Tensor):  # train.cuda_graph: the captured step reads this tensor
-            group["lr"].fill_(lr_now)
-        else:
-            group["lr"] = lr_now
+    _set_lr(groups, cfg.train.lr, lr_now)
     changes = []
     if lr_changed:
         changes.append(f"train.lr {saved_lr:g} -> {cfg.train.lr:g}")
@@ -129,6 +127,30 @@ def follow_config_lr(optimizer, scheduler, cfg: Config, total_steps: int, positi
         changes.append(f"cosine schedule at step {position} of {total_steps} (was {saved_position} of "
                        f"{saved_length})")
     console.info(f"resumed with {', '.join(changes)}: learning rate now {lr_now:g}")
+
+
+def _set_lr(groups: list[dict], initial: float, now: float) -> None:
+    for group in groups:
+        group["initial_lr"] = initial
+        if isinstance(group["lr"], torch.Tensor):  # train.cuda_graph: the captured step reads this tensor
+            group["lr"].fill_(now)
+        else:
+            group["lr"] = now
+
+
+def _follow_stages(inner, groups: list[dict], cfg: Config, position: int, console: RunConsole) -> None:
+    """train.lr_schedule=iwae: the rate is a function of the epoch alone, so a resume takes it from this start's
+    train.lr and its position in this start's steps (a changed train.batch_size or data.train_subset moves the
+    step count, never the epoch)."""
+    saved_lr, saved_position = float(inner.base_lrs[0]), inner.last_epoch
+    if math.isclose(saved_lr, cfg.train.lr, rel_tol=1e-6) and saved_position == position:
+        return
+    inner.base_lrs, inner.last_epoch = [cfg.train.lr] * len(inner.base_lrs), position
+    lr_now = cfg.train.lr * inner.lr_lambdas[0](position)
+    inner._last_lr = [lr_now] * len(inner.base_lrs)
+    _set_lr(groups, cfg.train.lr, lr_now)
+    console.info(f"resumed with train.lr {cfg.train.lr:g} at step {position} of the iwae schedule (was "
+                 f"{saved_lr:g} at step {saved_position}): learning rate now {lr_now:g}")
 
 
 # What loading says when a state does not fit this run's model or optimizer (not damage: an older state of the

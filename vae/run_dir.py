@@ -18,7 +18,8 @@ from accelerate import Accelerator
 from . import checkpoint
 from .config import Config, dump_yaml
 from .console import RunConsole
-from .data import TrainingData, check_data_root
+from .data import TrainingData
+from .datasets import check_dataset_paths
 from .errors import TrainingError
 from .files import file_in_the_way, open_fd
 from .launch import StepChoice, environment_info
@@ -110,9 +111,10 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def check_paths(cfg: Config) -> None:
-    """Every process, first of all: run.dir can be this run's, and data.root can be a folder."""
+    """Every process, first of all: run.dir can be this run's, and the dataset's paths can be used (data.root a
+    folder, data.train_path and data.test_path files)."""
     check_run_dir(cfg.run_dir)
-    check_data_root(cfg.data.root)
+    check_dataset_paths(cfg.data)
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator, console: RunConsole) -> tuple[bool, RunDirLock | None]:

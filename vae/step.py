@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from .config import TrainConfig
+from . import objectives
+from .config import Config, LossConfig, TrainConfig
 from .console import RunConsole
 from .data import to_unit_float
+from .datasets.binarize import bernoulli_pixels
 from .errors import TrainingError
-from .model import negative_elbo_terms
 from .optim import make_optimizer
 
 # Eager steps run on a side stream before the graph is captured, as torch.cuda.graphs asks: they initialise
@@ -24,17 +25,42 @@ from .optim import make_optimizer
 GRAPH_WARMUP_STEPS = 3
 
 
-def prepare_optimization(raw_model, train: TrainConfig, accelerator: Accelerator, total_steps: int,
+def prepare_optimization(raw_model, train: TrainConfig, accelerator: Accelerator, steps_per_epoch: int,
                          cuda_graph: bool):
-    """The model, Adam and, with train.lr_schedule=cosine, its schedule, prepared by Accelerate together: (model,
-    optimizer, scheduler or None). The schedule is built on Adam itself, as Accelerate expects: torch's schedulers
-    watch the step of the optimizer they are given, and TrainStep calls Adam's step directly, so a schedule built on
-    Accelerate's wrapper would warn at its first step that it came before any optimizer step."""
-    optimizer = make_optimizer(raw_model, train.lr, accelerator.device, cuda_graph)
-    if train.lr_schedule != "cosine":
+    """The model, Adam and its schedule (train.lr_schedule), prepared by Accelerate together: (model, optimizer,
+    scheduler or None for a constant rate). The schedule is built on Adam itself, as Accelerate expects: torch's
+    schedulers watch the step of the optimizer they are given, and TrainStep calls Adam's step directly, so a
+    schedule built on Accelerate's wrapper would warn at its first step that it came before any optimizer step."""
+    optimizer = make_optimizer(raw_model, train.lr, accelerator.device, cuda_graph, tuple(train.adam_betas),
+                               train.adam_eps)
+    if train.lr_schedule == "constant":
         return (*accelerator.prepare(raw_model, optimizer), None)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    if train.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs * steps_per_epoch)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, IwaeStages(steps_per_epoch))
     return accelerator.prepare(raw_model, optimizer, scheduler)
+
+
+class IwaeStages:
+    """train.lr_schedule=iwae, as a factor of step: 10^(-i/7) in stage i, which lasts 3^i epochs (Burda et al.
+    2015, section 5: i = 0..7, 3,280 epochs; later epochs stay in stage 7)."""
+
+    LAST_STAGE = 7
+
+    def __init__(self, steps_per_epoch: int):
+        self.steps_per_epoch = steps_per_epoch
+
+    @staticmethod
+    def stage_of_epoch(epoch: int) -> int:
+        """The stage of 1-based `epoch`: stage i ends with epoch 3^0 + ... + 3^i = (3^(i+1) - 1) / 2."""
+        stage = 0
+        while stage < IwaeStages.LAST_STAGE and epoch > (3 ** (stage + 1) - 1) // 2:
+            stage += 1
+        return stage
+
+    def __call__(self, step: int) -> float:
+        return 10 ** (-self.stage_of_epoch(step // self.steps_per_epoch + 1) / 7)
 
 
 class TrainStep:
@@ -42,10 +68,18 @@ class TrainStep:
     above 0: the only case that checks the loss every step, at the cost of one sync)."""
 
     def __init__(self, model, optimizer, accelerator: Accelerator, images: torch.Tensor, z_dim: int,
-                 guard_nonfinite: bool = False, accum_steps: int = 1):
+                 guard_nonfinite: bool = False, accum_steps: int = 1, objective: objectives.Objective | None = None,
+                 binarize_seed: int | None = None):
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
         self.images, self.z_dim, self.guard_nonfinite = images, z_dim, guard_nonfinite
         self.world, self.accum_steps = accelerator.num_processes, accum_steps
+        self.objective = objective or objectives.Objective(LossConfig(), accelerator.device)
+        # The noise of one image: one draw for the ELBO, loss.iwae_k for the IWAE bound
+        self.noise_shape = (z_dim,) if self.objective.samples == 1 else (self.objective.samples, z_dim)
+        # data.binarize=dynamic: each image's pixels drawn afresh each epoch, from (seed, epoch, image, pixel) only;
+        # the epoch lives on the device, as a captured graph must read it
+        self.binarize_seed = binarize_seed
+        self.epoch = torch.zeros((), dtype=torch.int64, device=accelerator.device)
         # Accelerate's optimizer wrapper only adds host work here (no gradient accumulation): per call, step()
         # looks up an optional package (lomo_optim) with importlib twice and zero_grad() inspects a signature,
         # together more host time than the whole step's GPU work on an H200. Its inner optimizer is the object
@@ -60,10 +94,23 @@ class TrainStep:
     def lr(self) -> float:
         return float(self.inner_optimizer.param_groups[0]["lr"])  # a device tensor under train.cuda_graph
 
-    def __call__(self, indices: torch.Tensor, global_size: int, share: tuple[int, int]) -> bool:
-        noise = torch.randn(global_size, self.z_dim, device=self.accelerator.device)[share[0]: share[1]]
+    def start_epoch(self, epoch: int) -> None:
+        self.model.train()
+        self.epoch.fill_(epoch)
+
+    def __call__(self, indices: torch.Tensor, global_size: int, share: tuple[int, int], step: int = 0) -> bool:
+        """One update on this process's `indices` of a global batch of `global_size`; `step`: updates so far."""
+        self.objective.at_step(step)
+        noise = torch.randn(global_size, *self.noise_shape, device=self.accelerator.device)[share[0]: share[1]]
         self.inner_optimizer.zero_grad(set_to_none=True)
         return self._forward_backward_update(indices, noise)
+
+    def _pixels(self, indices: torch.Tensor) -> torch.Tensor:
+        """The batch as floats in [0, 1] on the device (a no-op move with data.on_device), binarized when asked."""
+        images = self.images[indices].to(self.accelerator.device)
+        if self.binarize_seed is None:
+            return to_unit_float(images)
+        return bernoulli_pixels(images, indices.to(self.accelerator.device), self.epoch, self.binarize_seed)
 
     def _forward_backward_update(self, indices: torch.Tensor, noise: torch.Tensor) -> bool:
         if self.accum_steps > 1:
@@ -78,13 +125,13 @@ class TrainStep:
     def _forward_backward(self, indices: torch.Tensor, noise: torch.Tensor) -> torch.Tensor | None:
         """The gradient of these images' -ELBO, added to the parameters' .grad; their recon and KL sums, or None
         when the loss was not finite on some rank (train.skip_nonfinite)."""
-        x = to_unit_float(self.images[indices].to(self.accelerator.device))  # a no-op with data.on_device
+        x = self._pixels(indices)
         logits, mu, logvar = self.model(x, noise)
-        recon, kl = negative_elbo_terms(logits, x, mu, logvar)
-        # The tutorial's objective: -ELBO summed over the GLOBAL batch. DDP averages gradients over the N
+        losses, recon, kl = self.objective.losses(x, logits, mu, logvar, noise)
+        # The objective summed over the GLOBAL batch (the tutorial's: -ELBO). DDP averages gradients over the N
         # processes, so each scales the sum over its share by N; accelerate's backward divides by the
         # accumulation steps, which the sum must not be.
-        loss = (recon + kl).sum() * (self.world * self.accum_steps)
+        loss = losses.sum() * (self.world * self.accum_steps)
         if self.guard_nonfinite and _not_finite_on_any_rank(loss, self.accelerator):
             return None  # every rank skips it: none enters backward, so none waits in DDP's all-reduce alone
         self.accelerator.backward(loss)
@@ -121,22 +168,23 @@ class GraphedTrainStep(TrainStep):
         self.eager_steps = 0
         self.side_stream = torch.cuda.Stream(device=self.accelerator.device)
 
-    def __call__(self, indices: torch.Tensor, global_size: int, share: tuple[int, int]) -> bool:
+    def __call__(self, indices: torch.Tensor, global_size: int, share: tuple[int, int], step: int = 0) -> bool:
         key = (global_size, *share)
+        self.objective.at_step(step)
         if self.graph is not None and key == self.graph_key:
             self.static_indices.copy_(indices)
-            torch.randn(global_size, self.z_dim, device=self.accelerator.device, out=self.static_noise)
+            torch.randn(global_size, *self.noise_shape, device=self.accelerator.device, out=self.static_noise)
             self.graph.replay()
             return True
         if self.graph is None and self.eager_steps >= GRAPH_WARMUP_STEPS and global_size == self.full_batch:
             self._capture(key, len(indices))
-            return self(indices, global_size, share)
+            return self(indices, global_size, share, step)
         return self._eager(indices, global_size, share)
 
     def _eager(self, indices: torch.Tensor, global_size: int, share: tuple[int, int]) -> bool:
         self.side_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side_stream):
-            noise = torch.randn(global_size, self.z_dim, device=self.accelerator.device)[share[0]: share[1]]
+            noise = torch.randn(global_size, *self.noise_shape, device=self.accelerator.device)[share[0]: share[1]]
             # After the capture the gradients live in the graph's memory: zero them in place, never drop them.
             self.inner_optimizer.zero_grad(set_to_none=self.graph is None)
             self._forward_backward_update(indices, noise)
@@ -148,7 +196,7 @@ class GraphedTrainStep(TrainStep):
         global_size, lo, hi = key
         device = self.accelerator.device
         self.static_indices = torch.zeros(local_size, dtype=torch.long, device=device)
-        self.static_noise = torch.zeros(global_size, self.z_dim, device=device)
+        self.static_noise = torch.zeros(global_size, *self.noise_shape, device=device)
         torch.cuda.synchronize(device)
         self.inner_optimizer.zero_grad(set_to_none=True)  # backward inside the capture allocates the static gradients
         self.graph = torch.cuda.CUDAGraph()
@@ -201,3 +249,14 @@ def make_train_step(cuda_graph: bool, *args, full_batch: int, **kwargs) -> Train
     if cuda_graph:
         return GraphedTrainStep(*args, full_batch=full_batch, **kwargs)
     return TrainStep(*args, **kwargs)
+
+
+def train_step_for(cfg: Config, cuda_graph: bool, model, optimizer, accelerator: Accelerator,
+                   images: torch.Tensor) -> TrainStep:
+    """The run's step, as its config asks: the graph or not, the objective (loss section), dynamic binarization,
+    the non-finite guard, gradient accumulation."""
+    return make_train_step(cuda_graph, model, optimizer, accelerator, images, cfg.model.z_dim,
+                           full_batch=cfg.train.update_batch, guard_nonfinite=cfg.train.skip_nonfinite > 0,
+                           accum_steps=cfg.train.grad_accum_steps,
+                           objective=objectives.Objective(cfg.loss, accelerator.device),
+                           binarize_seed=cfg.train.seed if cfg.data.binarize == "dynamic" else None)

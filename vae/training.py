@@ -28,7 +28,7 @@ from .ema import WeightAverage, weight_average
 from .evaluation import evaluate_test_set
 from .files import open_append
 from .launch import StepChoice, check_training_launch, cpu_threads, make_accelerator
-from .model import VAE
+from .models import VAE, build_model
 from .optim import restore_step_settings
 from .preemption import WARNINGS, StoppedToResume, StopRequest, leave_after_checkpoint, record_start
 from .profiling import StepProfiler
@@ -41,9 +41,9 @@ from .step import (
     NonFiniteSteps,
     TrainStep,
     applied_updates,
-    make_train_step,
     prepare_optimization,
     stop_if_not_finite,
+    train_step_for,
 )
 
 VAL_KEYS = ("val/loss", "val/recon", "val/kl")  # the test pass's numbers, of the trained weights
@@ -181,18 +181,15 @@ def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data
     # Every rank is seeded alike and stays alike: the training noise of a global batch is drawn whole on every
     # rank (vae.step), so 1 or N processes train the same model.
     set_seed(cfg.train.seed)
-    raw_model = VAE.from_config(cfg.model).to(accelerator.device)
+    raw_model = build_model(cfg.model, data.image_shape).to(accelerator.device)
     clock.mark("model")
     # The first optimizer imports torch._dynamo (torch.optim's methods are wrapped by torch._disable_dynamo)
-    model, optimizer, scheduler = prepare_optimization(raw_model, cfg.train, accelerator,
-                                                      cfg.train.epochs * len(data.batches), step_choice.cuda_graph)
+    model, optimizer, scheduler = prepare_optimization(raw_model, cfg.train, accelerator, len(data.batches),
+                                                      step_choice.cuda_graph)
     clock.mark("optimizer")
     if cfg.train.compile:  # after prepare: the saved states keep the module's own parameter names
         model = torch.compile(model)
-    train_step = make_train_step(step_choice.cuda_graph, model, optimizer, accelerator, data.train_images,
-                                 cfg.model.z_dim, full_batch=cfg.train.update_batch,
-                                 guard_nonfinite=cfg.train.skip_nonfinite > 0,
-                                 accum_steps=cfg.train.grad_accum_steps)
+    train_step = train_step_for(cfg, step_choice.cuda_graph, model, optimizer, accelerator, data.train_images)
     if accelerator.is_main_process:
         room_or_fail(cfg.run_dir, space_needed(raw_model, cfg))
     accelerator.wait_for_everyone()
@@ -250,7 +247,7 @@ def train_one_epoch(loop: Loop, state: RunState, bar) -> EpochResult:
     log.every_steps steps: the finiteness check, the progress bar's loss and the train/* metrics; between two
     such checks nothing is read back from the device."""
     accelerator, step_fn, epoch = loop.accelerator, loop.train_step, state.epoch
-    step_fn.model.train()
+    step_fn.start_epoch(epoch)
     # A mid-epoch checkpoint holds the sums of all processes together: the main process carries them on.
     so_far = state.so_far if accelerator.is_main_process else EpochSoFar()
     seen = so_far.seen
@@ -261,7 +258,7 @@ def train_one_epoch(loop: Loop, state: RunState, bar) -> EpochResult:
     skipped_before, attempted, updates_before = loop.nonfinite.skipped, 0, applied_updates(step_fn.optimizer)
     waits = perf.DataWait()
     for indices, global_size, share in waits.over(loop.data.batches.epoch(epoch, start=batches_done)):
-        if step_fn(indices, global_size, share):
+        if step_fn(indices, global_size, share, step):
             seen += len(indices)
             attempted += 1
             if loop.ema is not None:
@@ -353,7 +350,8 @@ def _report_epoch(loop: Loop, row: dict, evaluation: dict, improved: bool, last:
 
 def _draw(loop: Loop, evaluation: dict) -> dict:
     data, device = (evaluation["latent_means"], evaluation["labels"]), loop.accelerator.device
-    return figures.model_figures(loop.kept_model, loop.data.test_images, *data, device)
+    return figures.model_figures(loop.kept_model, loop.data.test_images, *data, device,
+                                 image_shape=loop.data.image_shape, class_names=loop.data.class_names)
 
 
 def _param_checksum(model: torch.nn.Module) -> float:
