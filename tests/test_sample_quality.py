@@ -284,6 +284,14 @@ def test_two_trainings_with_the_same_seed_give_identical_weights(mnist):
     assert not same_weights(first, other)  # the seed is what fixes them
 
 
+def test_a_caller_scoring_under_no_grad_still_gets_a_trained_classifier(mnist):
+    """evaluate.py scores under torch.no_grad(); the first evaluation of a dataset trains its classifier there."""
+    data = small(mnist, train=1000, test=200)
+    with torch.no_grad():
+        classifier, accuracy, _ = sq.train_classifier(*data, MNIST_SHAPE, 10)
+    assert accuracy > 0.5
+
+
 def test_any_image_shape_of_at_least_8x8(tmp_path):
     generator = torch.Generator().manual_seed(0)
     for shape in [(3, 32, 32), (1, 8, 8), (2, 9, 40), (1, 64, 64)]:

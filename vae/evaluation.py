@@ -207,7 +207,6 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
     return results
 
 
-@torch.no_grad()
 def sample_quality(model, data, dataset, count: int, seed: int, device: torch.device, say) -> dict:
     """The Fréchet classifier distance (vae.sample_quality) of `count` samples of the prior, decoded to pixel means,
     against the whole test set in grey levels (binarized or not in training): the dataset's classifier is trained
@@ -219,7 +218,8 @@ def sample_quality(model, data, dataset, count: int, seed: int, device: torch.de
         Path(grey.root) / "classifiers", key, reference.train_images, reference.train_labels,
         reference.test_images, reference.test_labels, reference.image_shape, len(reference.class_names), say=say)
     z = torch.randn(count, model.z_dim, generator=torch.Generator().manual_seed(seed))
-    samples = torch.cat([torch.sigmoid(model.decode(chunk.to(device)).float()).cpu() for chunk in z.split(1000)])
+    with torch.no_grad():
+        samples = torch.cat([torch.sigmoid(model.decode(chunk.to(device)).float()).cpu() for chunk in z.split(1000)])
     return {"fcd": quality.fcd(classifier.to(device), samples, reference.test_images), "fcd_samples": count,
             "fcd_classifier": {"dataset_key": key, "test_accuracy": accuracy,
                                "weights_sha256": classifier.weights_sha256}}

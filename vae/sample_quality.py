@@ -228,6 +228,7 @@ def accuracy(classifier: FeatureClassifier, images: torch.Tensor, labels: torch.
     return correct / len(images)
 
 
+@torch.enable_grad()  # also when the caller scores under no_grad (evaluate.py trains it on first use)
 def train_classifier(train_images: torch.Tensor, train_labels: torch.Tensor, test_images: torch.Tensor,
                      test_labels: torch.Tensor, image_shape: tuple[int, int, int], num_classes: int, *,
                      seed: int = SEED) -> tuple[FeatureClassifier, float, float]:
