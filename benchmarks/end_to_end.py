@@ -22,10 +22,15 @@ What is measured, all in seconds from just before Popen ("launch"):
 - epoch 1 starts: tutorial: its own time.time() on entering epoch 1's loop (before the first batch is loaded).
   Harness: the moment its "epoch 1" line arrives here minus the epoch_time_s it wrote for epoch 1 to
   metrics.jsonl, i.e. when its epoch timer started, just before the first batch. Everything before it (the
-  interpreter, imports, `accelerate launch` starting train.py, reading MNIST, the model, W&B's start) is
-  "start-up". The harness's start-up is split at the arrival of `accelerate launch`'s warning about defaults
-  (printed where no accelerate config exists, when the launcher has imported torch and starts train.py) and of
-  the harness's "run directory ..." line (MNIST read, model built; printed before W&B starts).
+  interpreter, imports, `accelerate launch` starting train.py, reading MNIST, the model, what W&B's start keeps
+  the loop waiting: W&B starts in the background, during epoch 1) is "start-up".
+- start-up, phase by phase (they add up to "epoch 1 starts"). Tutorial, by its own clock: Python's start (launch
+  to its first line), its imports, then data and model. Harness: the phases of summary.json's `startup_s`, timed
+  by the training itself from its process's start ("imports": the interpreter, train.py's imports and the config,
+  then accelerator, data, model, ..., tracker), after "accelerate launch, until train.py's process starts" (epoch
+  1's start less startup_s's total). A harness that writes no startup_s is split at the arrival of `accelerate
+  launch`'s warning about defaults (printed where no accelerate config exists, when the launcher has imported
+  torch and starts train.py) and of the harness's "run directory ..." line (MNIST read, model built).
 - first training step: the tutorial's own time.time() after its first optimizer.step(). The harness records no
   such time; for it only "epoch 1 starts" is given.
 - training: the tutorial's timed train() calls (60,000 images incl. its per-step loss.item() and log lines);
@@ -39,7 +44,10 @@ What is measured, all in seconds from just before Popen ("launch"):
   exit (summary table, W&B's finish, process shutdown, the launcher's exit).
 
 The parts add up to the wall time of each run. The tables show medians over the pairs (medians of the parts need
-not add up exactly); --json writes every raw number, with each run's output lines and their arrival times.
+not add up exactly); --json writes every raw number (per run: markers, breakdown, startup_source and
+startup_phases), with each run's output lines and their arrival times. Nothing here depends on the device: the
+tutorial's script uses CUDA where there is a GPU, and so does the harness (`--override train.cpu=true` keeps it on
+the CPU).
 """
 
 from __future__ import annotations
@@ -171,6 +179,12 @@ def run_tutorial(args, tmp: Path) -> dict:
                  "train_samples_per_s": child["train_images"] / train_s[k], "train_loss": child["train_loss"][k],
                  "test_loss": child["test_loss"][k]} for k in range(len(starts))],
         final_test_loss=child["test_loss"][-1],
+        startup_source="its own clock",
+        startup_phases={
+            "python's start (tutorial)": child["started_at"] - at,
+            "imports (tutorial)": child["imported_at"] - child["started_at"],
+            "data, model (tutorial)": starts[0] - (child["imported_at"] - at),
+        },
         breakdown={
             "start-up": starts[0],
             "training": sum(train_s),
@@ -218,6 +232,7 @@ def run_harness(args, variant: str, tmp: Path) -> dict:
                        "train_samples_per_s": row["samples_per_s"], "train_loss": row["train/loss"],
                        "test_loss": row["val/loss"], "metrics_row": row})
     starts, lines_at = [e["start"] for e in epochs], [e["line_arrived"] for e in epochs]
+    source, phases = harness_startup(summary, lines, starts[0])
     run.update(
         metrics=rows,
         summary=summary,
@@ -232,6 +247,8 @@ def run_harness(args, variant: str, tmp: Path) -> dict:
         },
         epochs=epochs,
         final_test_loss=summary["val/loss"],
+        startup_source=source,
+        startup_phases=phases,
         breakdown={
             "start-up": starts[0],
             "training": sum(e["train_s"] for e in epochs),
@@ -243,6 +260,25 @@ def run_harness(args, variant: str, tmp: Path) -> dict:
         },
     )
     return run
+
+
+def harness_startup(summary: dict, lines: list[tuple[float, str]], epoch1_start: float) -> tuple[str, dict]:
+    """The harness's start-up, launch to epoch 1, phase by phase: from summary.json's startup_s (the phases the
+    training timed itself, from its process's start; before them, `accelerate launch` until it started train.py),
+    else split at the arrival of two output lines. The phases add up to epoch 1's start."""
+    startup = summary.get("startup_s")
+    if isinstance(startup, dict) and isinstance(startup.get("total"), (int, float)):
+        phases = {"accelerate launch, until train.py's process starts": epoch1_start - startup["total"]}
+        phases.update({f"train.py: {name}": value for name, value in startup.items()
+                       if name != "total" and isinstance(value, (int, float))})
+        return "summary.json startup_s", phases
+    warning, run_dir_line = first_line_time(lines, LAUNCHER_LINE), first_line_time(lines, RUN_DIR_LINE)
+    phases, before = {}, 0.0
+    if warning is not None:  # printed where no accelerate config exists, as the launcher starts train.py
+        phases["to the launcher's warning line (its imports)"] = before = warning
+    phases["to the 'run directory' line (imports, accelerator, MNIST, model)"] = run_dir_line - before
+    phases["to epoch 1 (W&B, TensorBoard, the loop's start)"] = epoch1_start - run_dir_line
+    return "output lines", phases
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,6 +335,9 @@ def variant_summary(runs: list[dict], variant: str) -> dict:
             "wall_s": median(r["wall_s"] for r in side_runs),
             "markers": {k: median(r["markers"].get(k) for r in side_runs) for k in side_runs[0]["markers"]},
             "breakdown": {k: median(r["breakdown"][k] for r in side_runs) for k in side_runs[0]["breakdown"]},
+            "startup_source": sorted({r["startup_source"] for r in side_runs}),
+            "startup_phases": {k: median(r["startup_phases"].get(k) for r in side_runs)
+                               for k in dict.fromkeys(k for r in side_runs for k in r["startup_phases"])},
             "train_samples_per_s_median_epoch": median(
                 median(e["train_samples_per_s"] for e in r["epochs"]) for r in side_runs),
             "train_samples_per_s_epoch1": median(r["epochs"][0]["train_samples_per_s"] for r in side_runs),
@@ -333,7 +372,7 @@ def variant_table(summary: dict, epochs: int, pairs: int) -> Table:
         row("  harness: launcher's warning line", None, b["markers"]["launcher_warning_line"], 2)
     row("  harness: 'run directory' line", None, b["markers"]["run_directory_line"], 2)
     if b["markers"]["wandb_line"] is not None:
-        row("  harness: 'W&B run' line", None, b["markers"]["wandb_line"], 2)
+        row("  harness: 'W&B run' line (W&B ready)", None, b["markers"]["wandb_line"], 2)
     row("first step done (tutorial's clock)", a["markers"]["first_step"], None, 2)
     row("train img/s, median epoch", a["train_samples_per_s_median_epoch"],
         b["train_samples_per_s_median_epoch"], 0, "speed")
@@ -343,6 +382,13 @@ def variant_table(summary: dict, epochs: int, pairs: int) -> Table:
     for key in dict.fromkeys([*a["breakdown"], *b["breakdown"]]):
         a_value, b_value = a["breakdown"].get(key), b["breakdown"].get(key)
         row(key, a_value, b_value, 1, "time" if key in ("start-up", "training", "test passes") else "")
+    table.add_section()
+    table.add_row(f"[bold]start-up, phase by phase[/bold] (tutorial: {', '.join(a['startup_source'])}; harness: "
+                  f"{', '.join(b['startup_source'])})", "", "", "")
+    for key, value in a["startup_phases"].items():
+        row(f"  {key}", value, None, 2)
+    for key, value in b["startup_phases"].items():
+        row(f"  {key}", None, value, 2)
     table.add_section()
     row("final test loss (nats/image)", a["final_test_loss"], b["final_test_loss"], 2)
     return table

@@ -14,6 +14,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from vae.config import ConfigError, LogConfig, load_config
 from vae.console import RunConsole
@@ -99,9 +100,12 @@ def test_config_history_and_summary(offline_run):
     assert run.run_id == json.loads((run_dir / RUN_FILE).read_text())["id"]
     assert (run.project, run.display_name, run.group, run.tags) == ("vae-mnist", "debug", "ci", ["test", "debug"])
     assert run.exit_code == 0
-    # the resolved config tree
-    assert {"data", "model", "train", "run", "log"} <= run.config.keys()
-    assert run.config["train"]["epochs"] == 2 and run.config["model"] == {"z_dim": 2, "hidden": [400]}
+    # the resolved config tree: every section, as the run directory's config.yaml holds it
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert {"data", "model", "train", "run", "log"} <= written.keys()
+    assert {section: run.config[section] for section in written} == written
+    assert run.config["train"]["epochs"] == 2
+    assert (run.config["model"]["z_dim"], run.config["model"]["hidden"]) == (2, [400])
     assert run.config["log"]["tags"] == ["test", "debug"] and run.config["run"]["dir"] == str(run_dir)
     # history: train/* every 15 steps, val/* at each epoch's end, never backwards
     assert run.steps == _expected_steps(1, 2 * STEPS_PER_EPOCH, 15, STEPS_PER_EPOCH) == [15, 30, 40, 45, 60, 75, 80]
@@ -297,7 +301,6 @@ def test_a_sweep_agent_trains_the_sweep_configs_command_into_a_run_directory_of_
     """configs/sweeps/z_dim.yaml's command as `wandb agent` builds and starts it, by the agent's own code, for a run
     the sweep server would hand out (the server cannot run here: sweeps are online only). The run trains with the
     sweep's values, into runs/<config>-sweep-<sweep id>/<run id>, logging to the run id the agent was given."""
-    import yaml
     from wandb.wandb_agent import Agent
 
     sweep = yaml.safe_load((REPO / "configs/sweeps/z_dim.yaml").read_text())
@@ -403,6 +406,76 @@ def test_broken_wandb_does_not_stop_training(where, warning, tmp_path, mnist_roo
     for name in ("summary.json", "last.pt", "loss.png", "samples.png", "latent.png"):
         assert (run_dir / name).is_file(), name
     assert "Traceback" not in result.stderr
+
+
+# wandb.init held back until the training itself releases it: once it has logged its first train/* row ("end"),
+# or once that row is logged and a SIGTERM has asked the run to stop ("stop"). A Tracker.start that waited for
+# wandb.init would never get to a training step: the init would wait in vain (until the timeout) and the events
+# would come in the other order.
+HELD_START = """
+import atexit, os, runpy, signal, sys, threading
+import wandb
+from vae.preemption import StopRequest
+from vae.tracking import Tracker
+
+ending, events = sys.argv[1], []
+logged, stopped = threading.Event(), threading.Event()
+log, handle, init = Tracker.log, StopRequest._handle, wandb.init
+
+def log_and_tell(self, values, step, epoch_row=False):
+    log(self, values, step, epoch_row)
+    if "train/loss" in values and not logged.is_set():
+        events.append(f"train/* of step {step} logged")
+        logged.set()
+        if ending == "stop":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+def handle_and_tell(self, signum, frame):
+    handle(self, signum, frame)
+    events.append(f"{signal.Signals(signum).name} handled")
+    stopped.set()
+
+def held_init(*args, **kwargs):
+    (stopped if ending == "stop" else logged).wait(timeout=120)
+    run = init(*args, **kwargs)
+    events.append("wandb.init returned")
+    return run
+
+Tracker.log, StopRequest._handle, wandb.init = log_and_tell, handle_and_tell, held_init
+atexit.register(lambda: print("events:", " | ".join(events)))
+sys.argv = ["train.py", *sys.argv[2:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ["end", "stop"])
+def test_wandb_starts_while_training_and_gets_every_row_logged_before_it_was_ready(ending, tmp_path, mnist_root):
+    """W&B's start does not hold the first training steps up, and what the run logged meanwhile reaches W&B, at its
+    steps and in order: at the end of the epoch, or at a stop that came before W&B was ready (then also marked
+    preempted)."""
+    run_dir = tmp_path / "r"
+    result = python("-c", HELD_START, ending, *train_cmd(run_dir, mnist_root, "log.every_steps=2", wandb=True)[1:],
+                    env={"WANDB_MODE": "offline"}, timeout=300)
+    stop = ["SIGTERM handled"] if ending == "stop" else []
+    assert f"events: {' | '.join(['train/* of step 2 logged', *stop, 'wandb.init returned'])}" in result.stdout, \
+        result.stdout + result.stderr
+    (segment,) = offline_run_dirs(run_dir)
+    run = read_offline_run(segment)
+    assert result.stdout.count(f"W&B run {run.run_id} is logged offline (offline mode)") == 1
+    assert run.config["train"]["epochs"] == 1 and run.config["log"]["every_steps"] == 2
+    if ending == "stop":
+        assert result.returncode == 143 and "stopped by SIGTERM at epoch 1, batch 2/40" in result.stderr, \
+            result.stderr
+        assert run.steps == [2] and run.record_kinds.get("preempting") == 1 and run.exit_code == 143
+        return
+    assert_ok(result)
+    assert run.steps == list(range(2, STEPS_PER_EPOCH + 1, 2)) and run.exit_code == 0
+    assert all(row["train/loss"] > 0 for row in run.rows_with("train/loss")) and len(run.rows_with("train/loss")) == 20
+    assert run.metrics["val/*"]["step_metric"] == "epoch"  # defined while W&B was starting
+    (epoch_row,) = run.rows_with("val/loss")
+    assert epoch_row["_step"] == STEPS_PER_EPOCH
+    assert epoch_row["val/loss"] == pytest.approx(read_jsonl(run_dir / "metrics.jsonl")[0]["val/loss"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -521,6 +594,7 @@ run_dir = Path(sys.argv[1])
 tracker = Tracker.start(Accelerator(cpu=True, log_with="wandb"), RunConsole(True), log=LogConfig(),
                         run_name="service-killed", run_dir=run_dir, config={}, resumed=False)
 tracker.log({"train/loss": 1.0}, step=1)
+tracker.wait_for_wandb()  # W&B starts in the background: its service runs once the start is over
 for task in Path(f"/proc/{os.getpid()}/task").iterdir():
     for child in (task / "children").read_text().split():
         os.kill(int(child), signal.SIGKILL)  # wandb's service: the process's only child

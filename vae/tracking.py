@@ -15,6 +15,11 @@ vae.training` and runs without W&B never load it. The W&B side:
 - Never fatal: if W&B fails (wandb.init raising, or a log call raising mid-run), a warning is printed once and
   training goes on without W&B; metrics.jsonl and the PNG files never depend on it.
 - Only the main process talks to W&B; on the others every method does nothing.
+- Started in the background: wandb's import, its service and wandb.init take seconds, which a thread of their own
+  spends while the first epoch trains (WandbStart). What is logged meanwhile waits in a queue and reaches W&B in
+  order, at its own steps, once the run is there; the loop waits for the start at the latest at the end of an
+  epoch, before figures, artifacts or the summary, and when training stops or ends. The main thread alone touches
+  the Accelerator's trackers and prints: a start's messages and failure are reported when the run is taken over.
 
 Both trackers get the same accelerator.log calls (scalars at the global step) and skip the same steps: those the
 run directory's W&B run or TensorBoard folder already holds, whichever is further.
@@ -27,6 +32,7 @@ import json
 import os
 import secrets
 import string
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -185,6 +191,104 @@ def _stop_wandb_service() -> None:
         pass
 
 
+# ---------------------------------------------------------------------------------------------------------
+# W&B's start, in a thread of its own
+
+
+class WandbStart:
+    """wandb's import, its mode, wandb.init and its fall-back to offline (start_wandb_run), in a daemon thread
+    while training goes on. The thread writes only here: the Tracker takes the result over on the main thread
+    (Tracker._take_over), which alone touches the Accelerator's trackers and the console. Daemon: a process that
+    leaves without waiting for it (a crash) is not held up by a hanging online start."""
+
+    def __init__(self, begin):
+        self.begin = begin  # begin(self): the work, which fills in the fields below
+        self.done = threading.Event()
+        self.tracker = None  # Accelerate's WandBTracker, started
+        self.offline = False
+        self.why_offline: str | None = None
+        self.messages: list[str] = []  # warnings to print when the run is taken over
+        self.failure: tuple[str, BaseException] | None = None  # what failed, and why: W&B stays off
+
+    def start(self, in_thread: bool = True) -> WandbStart:
+        if in_thread:
+            threading.Thread(target=self._run, name="wandb-start", daemon=True).start()
+        else:
+            self._run()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self.begin(self)
+        except BaseException as error:  # anything, even SystemExit: a thread's exception would only be printed
+            self.failure = self.failure or ("W&B could not start", error)
+        finally:
+            self.done.set()
+
+    def wait(self) -> None:
+        """Until the start is over. The wait lets signal handlers run (a second Ctrl-C still interrupts)."""
+        while not self.done.wait(timeout=1.0):
+            pass
+
+
+def _redirects_console() -> bool:
+    """Whether wandb was asked to capture the console by redirecting file descriptors (WANDB_CONSOLE=redirect):
+    that installs a SIGWINCH handler, which only the main thread may; such a start stays on the main thread."""
+    return os.environ.get("WANDB_CONSOLE", "").strip().lower() == "redirect"
+
+
+def _started_tracker(project: str, config: dict | None, init: dict):
+    """Accelerate's W&B tracker, made and started as accelerator.init_trackers makes and starts it, but not
+    registered on the Accelerator: its thread leaves accelerator.trackers to the main thread, whose
+    accelerator.log reads them meanwhile, and init_trackers would start TensorBoard's tracker a second time."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    tracker = LOGGER_TYPE_TO_CLASS["wandb"](project, **{k: v for k, v in init.items() if v is not None})
+    tracker.start()
+    if config is not None:
+        tracker.store_init_configuration(config)
+    run = getattr(tracker, "run", None)
+    if run is None or not hasattr(run, "log"):
+        raise RuntimeError("wandb.init returned no run")
+    return tracker
+
+
+def start_wandb_run(job: WandbStart, project: str, config: dict | None, init: dict) -> None:
+    """In the start's thread: online, offline or disabled (decided without network, never prompting), then
+    wandb.init; where an online start fails (no network on a compute node, server down), offline instead."""
+    import wandb
+
+    configured = _configured_mode()
+    mode, why_offline = None, None
+    if configured is None and not has_credentials():
+        mode, why_offline = "offline", "no credentials found: `wandb login` or WANDB_API_KEY"
+    elif configured == "offline":
+        why_offline = "offline mode"
+    silence = not any(os.environ.get(v) for v in ("WANDB_SILENT", "WANDB_QUIET"))
+    # wandb's own banner and footer would interleave with the harness's output: the harness prints the run's
+    # address (or sync command) itself. wandb's warnings still show.
+    init = {**init, "settings": _settings(silent=silence), **({"mode": mode} if mode else {})}
+    try:
+        job.tracker = _started_tracker(project, config, init)
+    except Exception as e:
+        if mode == "offline" or configured is not None:
+            job.failure = ("W&B could not start", e)
+            return
+        job.messages.append(f"W&B could not start online ({first_line(e)}); logging offline instead")
+        init["mode"], why_offline = "offline", "the online start failed"
+        try:
+            wandb.teardown()  # the failed attempt still holds the run id in wandb's service
+        except Exception:
+            pass
+        try:
+            job.tracker = _started_tracker(project, config, init)
+        except Exception as e2:
+            job.failure = ("W&B could not start offline either", e2)
+            return
+    job.offline = bool(getattr(job.tracker.run.settings, "_offline", False)) or init.get("mode") == "offline"
+    job.why_offline = why_offline
+
+
 class Tracker:
     """The trackers of a training or evaluation. `Tracker.start(...)` never raises; every method is a no-op when
     they are off, failed, or this is not the main process."""
@@ -202,6 +306,8 @@ class Tracker:
         self.resumed_at = -1  # the step of the state this start resumed from (-1: a new start)
         self.last_step = -1
         self._step_written_at = 0.0
+        self.starting: WandbStart | None = None  # W&B's start while it is under way
+        self._queued: list[tuple[str, Any]] = []  # (what, action) for W&B meanwhile, in order
 
     @property
     def active(self) -> bool:
@@ -214,7 +320,8 @@ class Tracker:
               config: dict | None, resumed: bool, resumed_at: int = -1) -> Tracker:
         """Start (or continue) the run directory's W&B run and TensorBoard folder, as log.active_trackers says.
         `log` is the LogConfig; `resumed`: whether this continues the run directory's training (then its W&B run
-        id is reused, else a new one is made), from the state of step `resumed_at`."""
+        id is reused, else a new one is made), from the state of step `resumed_at`. Returns while W&B is still
+        starting, in the background (WandbStart)."""
         tracker = cls(accelerator, console)
         tracker.resumed_at = resumed_at if resumed else -1
         if not accelerator.is_main_process:
@@ -231,13 +338,16 @@ class Tracker:
                               "log_with='wandb'): going on without W&B; pip install wandb, or pass log.wandb=false")
             return
         try:
-            self._start(log, run_name, run_dir, config, resumed)
+            project, init = self._prepare(log, run_name, run_dir, resumed)
         except Exception as e:  # a bug or an unexpected wandb: W&B is optional, training is not
             self._fail("W&B could not start", e)
+            return
+        job = WandbStart(lambda started: start_wandb_run(started, project, config, init))
+        self.starting = job.start(in_thread=not _redirects_console())
 
     def _start_tensorboard(self, run_dir: Path, config, resumed: bool) -> None:
-        """After W&B (whose init_trackers starts every tracker registered by then), first in the Accelerator's
-        trackers: accelerator.log reaches it before W&B, whose failure then cannot cost it a row."""
+        """First in the Accelerator's trackers (W&B's joins them when its start is over): accelerator.log reaches
+        it before W&B, whose failure then cannot cost it a row."""
         tensorboard = RunTensorBoard(run_dir, self.console)
         if not tensorboard.open(config, resumed):
             return
@@ -247,7 +357,9 @@ class Tracker:
         tensorboard.logged_before = self.logged_before
         self.console.info(f"TensorBoard: tensorboard --logdir {_shown_path(tensorboard.folder)}")
 
-    def _start(self, log, run_name, run_dir: Path, config, resumed: bool) -> None:
+    def _prepare(self, log, run_name, run_dir: Path, resumed: bool) -> tuple[str, dict]:
+        """On the main thread, before W&B's start: the run id and the steps logged before (which the loop needs
+        at once), wandb_run.json, and wandb.init's arguments other than its mode and settings."""
         record = read_run_file(run_dir) if resumed else None
         if resumed and record is None:
             self.console.info(f"no W&B run recorded in {run_dir} ({RUN_FILE}): starting a new W&B run")
@@ -257,50 +369,45 @@ class Tracker:
         project, entity = self._where_it_was(record, log) if record else (log.project, log.entity)
         _write_run_file(run_dir, {"id": self.run_id, "project": project, "entity": entity,
                                   "last_step": self.last_step})
-        _keep_wandb_files_in(run_dir)
-        import wandb
+        _keep_wandb_files_in(run_dir)  # here: the environment is not changed behind the main thread's back
+        return project, {"name": log.name or run_name, "entity": entity, "group": log.group,
+                         "tags": list(log.tags) or None, "dir": str(run_dir), "id": self.run_id, "resume": "allow"}
 
-        configured = _configured_mode()
-        mode, why_offline = None, None
-        if configured is None and not has_credentials():
-            mode, why_offline = "offline", "no credentials found: `wandb login` or WANDB_API_KEY"
-        elif configured == "offline":
-            why_offline = "offline mode"
-        silence = not any(os.environ.get(v) for v in ("WANDB_SILENT", "WANDB_QUIET"))
-        init = {
-            "name": log.name or run_name,
-            "entity": entity,
-            "group": log.group,
-            "tags": list(log.tags) or None,
-            "dir": str(run_dir),
-            "id": self.run_id,
-            "resume": "allow",
-            # wandb's own banner and footer would interleave with the harness's output: the harness prints
-            # the run's address (or sync command) itself. wandb's warnings still show.
-            "settings": _settings(silent=silence),
-        }
-        if mode:
-            init["mode"] = mode
-        try:
-            self._init(project, config, init)
-        except Exception as e:
-            if mode == "offline" or configured is not None:
-                self._fail("W&B could not start", e)
-                return
-            # Online failed (no network on a compute node, server down): keep the data offline instead.
-            self.console.warn(f"W&B could not start online ({first_line(e)}); logging offline instead")
-            init["mode"], why_offline = "offline", "the online start failed"
-            try:
-                wandb.teardown()  # the failed attempt still holds the run id in wandb's service
-            except Exception:
-                pass
-            try:
-                self._init(project, config, init)
-            except Exception as e2:
-                self._fail("W&B could not start offline either", e2)
-                return
-        self.offline = bool(getattr(self.run.settings, "_offline", False)) or init.get("mode") == "offline"
-        self._announce(why_offline)
+    def wait_for_wandb(self) -> None:
+        """Wait for W&B's start, if it is under way, and take its run over (what was queued meanwhile is logged)."""
+        if self.starting is not None:
+            self.starting.wait()
+            self._take_over()
+
+    def _still_starting(self) -> bool:
+        """Whether W&B's start is under way (never waits); a start found over is taken over here."""
+        if self.starting is not None and self.starting.done.is_set():
+            self._take_over()
+        return self.starting is not None
+
+    def _take_over(self) -> None:
+        """On the main thread, once the start is over: its messages, the run registered on the Accelerator after
+        TensorBoard, the address or sync command, then what was queued meanwhile, in order. A failed start is
+        the one warning of a start failing as before, the queue dropped with W&B."""
+        job, self.starting = self.starting, None
+        for message in job.messages:
+            self.console.warn(message)
+        queued, self._queued = self._queued, []
+        if job.failure is not None:
+            self._fail(*job.failure)
+            return
+        self.run, self.offline = job.tracker.run, job.offline
+        self.accelerator.trackers.append(job.tracker)
+        self._announce(job.why_offline)
+        for what, action in queued:
+            self._guard(what, action)
+
+    def _to_wandb(self, what: str, action) -> None:
+        """action() on the W&B run now, or queued while W&B is starting."""
+        if self._still_starting():
+            self._queued.append((what, action))
+        else:
+            self._guard(what, action)
 
     def _where_it_was(self, record: dict, log) -> tuple[str, str | None]:
         """The project and entity a resumed run keeps logging to: those its W&B run was made in (a changed
@@ -313,19 +420,6 @@ class Tracker:
                                   f"{key} {was} ({RUN_FILE}); to log elsewhere, train into a new run.dir or "
                                   f"with train.resume=false")
         return project, entity
-
-    def _init(self, project: str, config: dict | None, init: dict) -> None:
-        try:
-            self.accelerator.init_trackers(project, config=config,
-                                           init_kwargs={"wandb": {k: v for k, v in init.items() if v is not None}})
-            run = self.accelerator.get_tracker("wandb", unwrap=True)
-        except Exception:
-            self._drop_accelerate_trackers()
-            raise
-        if run is None or not hasattr(run, "log"):
-            self._drop_accelerate_trackers()
-            raise RuntimeError("wandb.init returned no run")
-        self.run = run
 
     def _announce(self, why_offline: str | None) -> None:
         if self.run is None:
@@ -375,8 +469,8 @@ class Tracker:
 
     @property
     def logging(self) -> bool:
-        """Whether a tracker (W&B, TensorBoard) is on."""
-        return self.run is not None or self.tensorboard is not None
+        """Whether a tracker (W&B, starting or started, TensorBoard) is on."""
+        return self.run is not None or self.starting is not None or self.tensorboard is not None
 
     def is_new(self, step: int, epoch_row: bool = False) -> bool:
         """Whether to log at `step`: steps an earlier start of this run already logged are skipped (they were
@@ -386,15 +480,22 @@ class Tracker:
         return step > self.logged_before or (epoch_row and step == self.logged_before == self.resumed_at)
 
     def log(self, values: dict, step: int, epoch_row: bool = False) -> None:
-        """accelerator.log at the global step, to every tracker, if it is new (is_new)."""
+        """accelerator.log at the global step, to every tracker, if it is new (is_new). While W&B is starting,
+        its row is queued; an epoch's row waits for the start: the queue never outlasts the first epoch."""
         if not self.logging or not self.is_new(step, epoch_row):
             return
+        if epoch_row:
+            self.wait_for_wandb()
         if step == self.logged_before:  # an epoch's row at the step this start resumed from: see _wandb_step
             if self.tensorboard is not None:
                 self.tensorboard.log(values, step=step)
             self._log_wandb(values, step, epoch_row)
             return
-        if self.run is not None:
+        if self._still_starting():  # TensorBoard now; W&B, not among the Accelerator's trackers yet, later
+            self.accelerator.log(values, step=step)
+            row = dict(values)
+            self._queued.append(("logging", lambda: self.accelerator.get_tracker("wandb").log(row, step=step)))
+        elif self.run is not None:
             self._guard("logging", lambda: self.accelerator.log(values, step=step))
         else:  # TensorBoard alone: its tracker turns its own failures into a warning
             self.accelerator.log(values, step=step)
@@ -402,6 +503,7 @@ class Tracker:
 
     def _log_wandb(self, values: dict, step: int, epoch_row: bool = False) -> None:
         """A row of W&B objects (images, tables, charts) to W&B's tracker alone."""
+        self.wait_for_wandb()
         if self.run is None or not self.is_new(step, epoch_row):
             return
         self._guard("logging", lambda: self.accelerator.get_tracker("wandb").log(values, step=self._wandb_step(step)))
@@ -438,7 +540,7 @@ class Tracker:
             self.run.define_metric("epoch")
             for pattern in ("val/*", "val_ema/*", "train/epoch_loss", "perf/*", "figures/*", "latent/*"):
                 self.run.define_metric(pattern, step_metric="epoch")
-        self._guard("defining metrics", define)
+        self._to_wandb("defining metrics", define)
 
     def figures_due(self, every: int, epoch: int, last: bool) -> bool:
         """Whether to draw and log the figures after this epoch: every `every` epochs and after the last one
@@ -455,6 +557,7 @@ class Tracker:
         if self.tensorboard is not None:
             self.tensorboard.log_figures(figures, step, prefix)
             self._logged(step)
+        self.wait_for_wandb()
         if self.run is None:
             return
 
@@ -483,6 +586,7 @@ class Tracker:
     def log_evaluation(self, results: dict, figures: dict, latents, labels) -> None:
         """evaluate.py's numbers as eval/* (history row after the run's last step, and summary), its figures
         as eval/figures/*, the latent table as eval/latent/means, and the KL of each latent dimension."""
+        self.wait_for_wandb()
         if self.run is None:
             return
         step = self.last_step + 1
@@ -507,6 +611,7 @@ class Tracker:
 
     def log_model_file(self, path: Path, *, epoch: int, best: bool, metrics: dict) -> None:
         """One artifact version per epoch: aliases latest, epoch-N, and best when it is the best so far."""
+        self.wait_for_wandb()
         if self.run is None:
             return
 
@@ -522,6 +627,7 @@ class Tracker:
         self._guard("uploading the model file", upload)
 
     def summary(self, values: dict) -> None:
+        self.wait_for_wandb()
         if self.run is None:
             return
         self._guard("writing the summary", lambda: self.run.summary.update(values))
@@ -531,8 +637,10 @@ class Tracker:
         preempted: stopped by a signal to be resumed (Slurm preemption, time limit), which W&B then shows as
         preempted rather than failed. A run W&B failed on earlier is closed too: when a job-wide SIGTERM (scancel)
         kills wandb's service, the next log call often fails before the harness sees its own SIGTERM.
-        TensorBoard's event file is closed first: complete, whatever W&B does."""
+        TensorBoard's event file is closed first: complete, whatever W&B does. A start still under way is waited
+        for: what was queued meanwhile reaches W&B before it is finished."""
         self._close_tensorboard()
+        self.wait_for_wandb()
         run = self.run or self.dropped_run
         if run is None:
             return
@@ -580,7 +688,9 @@ class Tracker:
     def end_training(self) -> None:
         """accelerator.end_training() on every process (finishes the W&B run, closes TensorBoard's event file,
         destroys the process group), with a W&B failure at the end turned into a warning. TensorBoard, first among
-        the Accelerator's trackers, is closed before W&B is finished."""
+        the Accelerator's trackers, is closed before W&B is finished (after a start still under way, and what it
+        queued)."""
+        self.wait_for_wandb()
         if self.run is not None:
             self.save_step()
         try:
