@@ -22,8 +22,10 @@ What is measured, all in seconds from just before Popen ("launch"):
 - epoch 1 starts: tutorial: its own time.time() on entering epoch 1's loop (before the first batch is loaded).
   Harness: the moment its "epoch 1" line arrives here minus the epoch_time_s it wrote for epoch 1 to
   metrics.jsonl, i.e. when its epoch timer started, just before the first batch. Everything before it (the
-  interpreter, imports, `accelerate launch` starting train.py, reading MNIST, the model, what W&B's start keeps
-  the loop waiting: W&B starts in the background, during epoch 1) is "start-up".
+  interpreter, imports, `accelerate launch` starting train.py, reading MNIST, the model, wandb's import) is
+  "start-up". W&B's service and wandb.init run in a thread of their own during epoch 1: their CPU time lands in
+  epoch 1's training, and the loop's wait for them at the end of epoch 1 (summary.json `wandb_start_wait_s`,
+  shown below) in "between epochs" ("end" with --epochs 1).
 - start-up, phase by phase (they add up to "epoch 1 starts"). Tutorial, by its own clock: Python's start (launch
   to its first line), its imports, then data and model. Harness: the phases of summary.json's `startup_s`, timed
   by the training itself from its process's start ("imports": the interpreter, train.py's imports and the config,
@@ -244,6 +246,7 @@ def run_harness(args, variant: str, tmp: Path) -> dict:
             "last_checkpoint_written": last_state_written,
             "summary_written": summary_written,
             "harness_wall_time_s": summary["wall_time_s"],
+            "wandb_start_wait_s": summary.get("wandb_start_wait_s"),
         },
         epochs=epochs,
         final_test_loss=summary["val/loss"],
@@ -373,6 +376,8 @@ def variant_table(summary: dict, epochs: int, pairs: int) -> Table:
     row("  harness: 'run directory' line", None, b["markers"]["run_directory_line"], 2)
     if b["markers"]["wandb_line"] is not None:
         row("  harness: 'W&B run' line (W&B ready)", None, b["markers"]["wandb_line"], 2)
+    if b["markers"].get("wandb_start_wait_s") is not None:
+        row("  harness: waited for W&B's start (epoch 1's end)", None, b["markers"]["wandb_start_wait_s"], 2)
     row("first step done (tutorial's clock)", a["markers"]["first_step"], None, 2)
     row("train img/s, median epoch", a["train_samples_per_s_median_epoch"],
         b["train_samples_per_s_median_epoch"], 0, "speed")

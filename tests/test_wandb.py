@@ -133,7 +133,9 @@ def test_config_history_and_summary(offline_run):
     best = min(metrics, key=lambda r: r["val/loss"])
     assert run.summary["best/val_loss"] == pytest.approx(best["val/loss"])
     assert run.summary["best/epoch"] == best["epoch"]
-    assert run.summary["val/loss"] == pytest.approx(metrics[-1]["val/loss"])
+    # val/loss is summarised as its minimum over the epochs (define_metric summary="min"), not its last value
+    assert run.metrics["val/loss"] == {"step_metric": "epoch", "glob": False, "summary": ["min"]}
+    assert run.summary["val/loss"] == {"min": pytest.approx(best["val/loss"])}
     assert run.summary["wall_time_s"] > 0 and run.summary["train_time_s"] == pytest.approx(
         sum(r["epoch_time_s"] for r in metrics))
     assert run.summary["num_processes"] == 1
@@ -177,10 +179,13 @@ def test_figures_latent_table_and_model_artifacts(offline_run):
     assert "_wandb/visualize/latent/means" in run.config  # the scatter plot of that table
     models = [a for a in run.artifacts if a["type"] == "model"]
     assert [sorted(a["aliases"]) for a in models] == [["best", "epoch-1", "latest"], ["best", "epoch-2", "latest"]]
-    assert all(a["files"] == ["model.pt"] and a["metadata"]["epoch"] in (1, 2) for a in models)
+    assert all(a["files"] == ["config.yaml", "model.pt"] and a["metadata"]["epoch"] in (1, 2) for a in models)
     # what `wandb sync` will upload for the artifacts (the model files, the table) is kept in the run directory
     staged = [Path(p) for a in run.artifacts for p in a["local_paths"]]
-    assert len(staged) == 3 and all(p.is_file() and p.is_relative_to(run_dir / "wandb") for p in staged), staged
+    assert len(staged) == 5 and all(p.is_file() and p.is_relative_to(run_dir / "wandb") for p in staged), staged
+    for artifact in models:  # each version carries the run's config beside its model file
+        files = dict(zip(artifact["files"], artifact["local_paths"], strict=True))
+        assert Path(files["config.yaml"]).read_text() == (run_dir / "config.yaml").read_text()
 
 
 @pytest.mark.slow
@@ -409,9 +414,10 @@ def test_broken_wandb_does_not_stop_training(where, warning, tmp_path, mnist_roo
 
 
 # wandb.init held back until the training itself releases it: once it has logged its first train/* row ("end"),
-# or once that row is logged and a SIGTERM has asked the run to stop ("stop"). A Tracker.start that waited for
-# wandb.init would never get to a training step: the init would wait in vain (until the timeout) and the events
-# would come in the other order.
+# or once that row is logged and a SIGTERM has asked the run to stop ("stop"); or for two minutes ("hang", an
+# online start without network), with a SIGTERM sent while the loop waits for it at the end of epoch 1. A
+# Tracker.start that waited for wandb.init would never get to a training step: the init would wait in vain (until
+# the timeout) and the events would come in the other order.
 HELD_START = """
 import atexit, os, runpy, signal, sys, threading
 import wandb
@@ -420,7 +426,7 @@ from vae.tracking import Tracker
 
 ending, events = sys.argv[1], []
 logged, stopped = threading.Event(), threading.Event()
-log, handle, init = Tracker.log, StopRequest._handle, wandb.init
+log, handle, init, wait = Tracker.log, StopRequest._handle, wandb.init, Tracker.wait_for_wandb
 
 def log_and_tell(self, values, step, epoch_row=False):
     log(self, values, step, epoch_row)
@@ -436,12 +442,19 @@ def handle_and_tell(self, signum, frame):
     stopped.set()
 
 def held_init(*args, **kwargs):
-    (stopped if ending == "stop" else logged).wait(timeout=120)
+    {"stop": stopped, "end": logged, "hang": threading.Event()}[ending].wait(timeout=120)
     run = init(*args, **kwargs)
     events.append("wandb.init returned")
     return run
 
+def wait_and_tell(self, patience_s=None):
+    if ending == "hang" and patience_s is None and not stopped.is_set() and self.starting is not None:
+        events.append("waiting for W&B")
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    wait(self, patience_s)
+
 Tracker.log, StopRequest._handle, wandb.init = log_and_tell, handle_and_tell, held_init
+Tracker.wait_for_wandb = wait_and_tell
 atexit.register(lambda: print("events:", " | ".join(events)))
 sys.argv = ["train.py", *sys.argv[2:]]
 runpy.run_path("train.py", run_name="__main__")
@@ -449,14 +462,24 @@ runpy.run_path("train.py", run_name="__main__")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ending", ["end", "stop"])
+@pytest.mark.parametrize("ending", ["end", "stop", "hang"])
 def test_wandb_starts_while_training_and_gets_every_row_logged_before_it_was_ready(ending, tmp_path, mnist_root):
     """W&B's start does not hold the first training steps up, and what the run logged meanwhile reaches W&B, at its
     steps and in order: at the end of the epoch, or at a stop that came before W&B was ready (then also marked
     preempted)."""
     run_dir = tmp_path / "r"
-    result = python("-c", HELD_START, ending, *train_cmd(run_dir, mnist_root, "log.every_steps=2", wandb=True)[1:],
+    epochs = "train.epochs=2" if ending == "hang" else "train.epochs=1"  # "hang": the stop comes after epoch 1
+    result = python("-c", HELD_START, ending, *train_cmd(run_dir, mnist_root, "log.every_steps=2", epochs,
+                                                         wandb=True)[1:],
                     env={"WANDB_MODE": "offline"}, timeout=300)
+    if ending == "hang":  # the stop is honoured at once: epoch 1's checkpoint first, W&B given up for this start
+        assert "events: train/* of step 2 logged | waiting for W&B | SIGTERM handled" in result.stdout, result.stdout
+        assert result.returncode == 143 and "stopped by SIGTERM" in result.stderr, result.stdout + result.stderr
+        assert "W&B was still starting when a stop was asked for" in result.stdout, result.stdout
+        assert "Traceback" not in result.stderr and not offline_run_dirs(run_dir), result.stderr
+        assert [row["epoch"] for row in read_jsonl(run_dir / "metrics.jsonl")] == [1]
+        assert (run_dir / "last.pt").exists()
+        return
     stop = ["SIGTERM handled"] if ending == "stop" else []
     assert f"events: {' | '.join(['train/* of step 2 logged', *stop, 'wandb.init returned'])}" in result.stdout, \
         result.stdout + result.stderr

@@ -136,6 +136,9 @@ def read_wandb_file(path: str | Path) -> OfflineRun:
             m = record.metric
             name = m.name or m.glob_name
             run.metrics[name] = {"step_metric": m.step_metric, "glob": bool(m.glob_name)}
+            kept = [kind for kind in ("min", "max", "mean", "best", "last", "none") if getattr(m.summary, kind, False)]
+            if kept:
+                run.metrics[name]["summary"] = kept
         elif kind == "artifact":
             a = record.artifact
             run.artifacts.append({"name": a.name, "type": a.type, "aliases": list(a.aliases),

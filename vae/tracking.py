@@ -15,11 +15,13 @@ vae.training` and runs without W&B never load it. The W&B side:
 - Never fatal: if W&B fails (wandb.init raising, or a log call raising mid-run), a warning is printed once and
   training goes on without W&B; metrics.jsonl and the PNG files never depend on it.
 - Only the main process talks to W&B; on the others every method does nothing.
-- Started in the background: wandb's import, its service and wandb.init take seconds, which a thread of their own
-  spends while the first epoch trains (WandbStart). What is logged meanwhile waits in a queue and reaches W&B in
-  order, at its own steps, once the run is there; the loop waits for the start at the latest at the end of an
-  epoch, before figures, artifacts or the summary, and when training stops or ends. The main thread alone touches
-  the Accelerator's trackers and prints: a start's messages and failure are reported when the run is taken over.
+- Started in the background: wandb's service and wandb.init take seconds, which a thread of their own spends
+  while the first epoch trains (WandbStart); wandb is imported before, on the main thread (its import patches
+  sys.stdout for its console capture, which must be the real one, not the progress bar's stand-in). What is
+  logged meanwhile waits in a queue and reaches W&B in order, at its own steps, once the run is there; the loop
+  waits for the start at the latest at the end of an epoch, before figures, artifacts or the summary, and when
+  training stops or ends. A stop asked for while it waits (a signal, Ctrl-C) abandons the start: the checkpoint
+  comes first. The main thread alone touches the Accelerator's trackers and prints.
 
 Both trackers get the same accelerator.log calls (scalars at the global step) and skip the same steps: those the
 run directory's W&B run or TensorBoard folder already holds, whichever is further.
@@ -45,6 +47,9 @@ from .tensorboard_tracking import RunTensorBoard
 RUN_FILE = "wandb_run.json"
 STEP_FILE_EVERY_S = 30.0  # how often the last logged step is written to RUN_FILE while training
 FLUSH_EVERY_S = 2.0  # how often wandb writes what was logged to the run's offline file (see _settings)
+# How long a run that is leaving (a stop, a failure) waits for W&B's start still under way: well inside Slurm's
+# 30 s between SIGTERM and SIGKILL, and long enough for a start that was about to finish.
+START_PATIENCE_S = 10.0
 ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -212,29 +217,39 @@ class WandbStart:
 
     def start(self, in_thread: bool = True) -> WandbStart:
         if in_thread:
-            threading.Thread(target=self._run, name="wandb-start", daemon=True).start()
+            threading.Thread(target=self._run, args=(BaseException,), name="wandb-start", daemon=True).start()
         else:
-            self._run()
+            self._run(Exception)  # on the main thread a Ctrl-C during the start interrupts, as anywhere else
         return self
 
-    def _run(self) -> None:
+    def _run(self, caught: type[BaseException]) -> None:
         try:
             self.begin(self)
-        except BaseException as error:  # anything, even SystemExit: a thread's exception would only be printed
+        except caught as error:  # in the thread anything, even SystemExit: there it would only be printed
             self.failure = self.failure or ("W&B could not start", error)
         finally:
             self.done.set()
 
-    def wait(self) -> None:
-        """Until the start is over. The wait lets signal handlers run (a second Ctrl-C still interrupts)."""
-        while not self.done.wait(timeout=1.0):
-            pass
+    def wait(self, give_up=lambda: False, patience_s: float | None = None) -> bool:
+        """Until the start is over (True), or until give_up() or patience_s seconds (False). The wait lets signal
+        handlers run: a signal's stop request is seen within 0.2 s, a second Ctrl-C interrupts it."""
+        deadline = None if patience_s is None else time.monotonic() + patience_s
+        while not self.done.wait(timeout=0.2):
+            if give_up() or (deadline is not None and time.monotonic() >= deadline):
+                return False
+        return True
 
 
 def _redirects_console() -> bool:
-    """Whether wandb was asked to capture the console by redirecting file descriptors (WANDB_CONSOLE=redirect):
-    that installs a SIGWINCH handler, which only the main thread may; such a start stays on the main thread."""
-    return os.environ.get("WANDB_CONSOLE", "").strip().lower() == "redirect"
+    """Whether wandb captures the console by redirecting file descriptors (console: redirect, from WANDB_CONSOLE
+    or wandb's settings files): that installs a SIGWINCH handler, which only the main thread may; such a start
+    stays on the main thread. Settings that cannot be read count as redirect: the main thread is always safe."""
+    try:
+        from wandb.sdk import wandb_setup
+
+        return str(wandb_setup.singleton().settings.console).lower() not in ("wrap", "off", "wrap_raw", "wrap_emu")
+    except Exception:
+        return True
 
 
 def _started_tracker(project: str, config: dict | None, init: dict):
@@ -244,7 +259,8 @@ def _started_tracker(project: str, config: dict | None, init: dict):
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     tracker = LOGGER_TYPE_TO_CLASS["wandb"](project, **{k: v for k, v in init.items() if v is not None})
-    tracker.start()
+    if hasattr(tracker, "start"):  # accelerate >= 1.8 defers wandb.init to start(); before, __init__ called it
+        tracker.start()
     if config is not None:
         tracker.store_init_configuration(config)
     run = getattr(tracker, "run", None)
@@ -308,6 +324,8 @@ class Tracker:
         self._step_written_at = 0.0
         self.starting: WandbStart | None = None  # W&B's start while it is under way
         self._queued: list[tuple[str, Any]] = []  # (what, action) for W&B meanwhile, in order
+        self.stop_requested = lambda: False  # whether a stop was asked for: the loop's StopRequest.requested
+        self.start_wait_s = 0.0  # how long the loop waited for W&B's start
 
     @property
     def active(self) -> bool:
@@ -317,13 +335,14 @@ class Tracker:
 
     @classmethod
     def start(cls, accelerator, console: RunConsole, *, log, run_name: str | None, run_dir: Path,
-              config: dict | None, resumed: bool, resumed_at: int = -1) -> Tracker:
+              config: dict | None, resumed: bool, resumed_at: int = -1, stop_requested=None) -> Tracker:
         """Start (or continue) the run directory's W&B run and TensorBoard folder, as log.active_trackers says.
         `log` is the LogConfig; `resumed`: whether this continues the run directory's training (then its W&B run
         id is reused, else a new one is made), from the state of step `resumed_at`. Returns while W&B is still
         starting, in the background (WandbStart)."""
         tracker = cls(accelerator, console)
         tracker.resumed_at = resumed_at if resumed else -1
+        tracker.stop_requested = stop_requested or tracker.stop_requested
         if not accelerator.is_main_process:
             return tracker
         if "wandb" in log.active_trackers:
@@ -339,6 +358,7 @@ class Tracker:
             return
         try:
             project, init = self._prepare(log, run_name, run_dir, resumed)
+            import wandb  # noqa: F401  on the main thread, before the progress bar: see the module's docstring
         except Exception as e:  # a bug or an unexpected wandb: W&B is optional, training is not
             self._fail("W&B could not start", e)
             return
@@ -369,15 +389,37 @@ class Tracker:
         project, entity = self._where_it_was(record, log) if record else (log.project, log.entity)
         _write_run_file(run_dir, {"id": self.run_id, "project": project, "entity": entity,
                                   "last_step": self.last_step})
-        _keep_wandb_files_in(run_dir)  # here: the environment is not changed behind the main thread's back
+        # Here, on the main thread. (wandb's service start, in the thread, sets WANDB_SERVICE in os.environ: the
+        # one change of the environment made beside the training, once, at its first seconds.)
+        _keep_wandb_files_in(run_dir)
         return project, {"name": log.name or run_name, "entity": entity, "group": log.group,
                          "tags": list(log.tags) or None, "dir": str(run_dir), "id": self.run_id, "resume": "allow"}
 
-    def wait_for_wandb(self) -> None:
-        """Wait for W&B's start, if it is under way, and take its run over (what was queued meanwhile is logged)."""
-        if self.starting is not None:
-            self.starting.wait()
+    def wait_for_wandb(self, patience_s: float | None = None) -> None:
+        """Wait for W&B's start, if it is under way, and take its run over (what was queued meanwhile is logged).
+        Without patience_s the wait ends early only when a stop is asked for (a signal, Ctrl-C: the checkpoint
+        comes first); with it, after that many seconds. A start waited for in vain is abandoned."""
+        if self.starting is None:
+            return
+        give_up = self.stop_requested if patience_s is None else (lambda: False)
+        waited = time.monotonic()
+        over = self.starting.wait(give_up, patience_s)
+        self.start_wait_s += time.monotonic() - waited
+        if over:
             self._take_over()
+        else:
+            self._abandon_start("a stop was asked for" if patience_s is None else f"not ready after {patience_s:g} s")
+
+    def _abandon_start(self, why: str) -> None:
+        """W&B off for this start, its thread left to finish or hang alone (a daemon): what was queued is dropped
+        (metrics.jsonl has it); a resume logs into the same W&B run."""
+        self.starting, self._queued = None, []
+        self.console.warn(f"W&B was still starting when {why}: going on without W&B for this start")
+
+    def settle_start(self) -> None:
+        """On the way out, whatever the path: a start still under way gets a few seconds, then is abandoned."""
+        if self.starting is not None:
+            self.wait_for_wandb(patience_s=START_PATIENCE_S)
 
     def _still_starting(self) -> bool:
         """Whether W&B's start is under way (never waits); a start found over is taken over here."""
@@ -390,15 +432,19 @@ class Tracker:
         TensorBoard, the address or sync command, then what was queued meanwhile, in order. A failed start is
         the one warning of a start failing as before, the queue dropped with W&B."""
         job, self.starting = self.starting, None
-        for message in job.messages:
-            self.console.warn(message)
         queued, self._queued = self._queued, []
-        if job.failure is not None:
-            self._fail(*job.failure)
+        try:
+            for message in job.messages:
+                self.console.warn(message)
+            if job.failure is not None:
+                self._fail(*job.failure)
+                return
+            self.run, self.offline = job.tracker.run, job.offline
+            self.accelerator.trackers.append(job.tracker)
+            self._announce(job.why_offline)
+        except Exception as e:  # W&B is optional, training is not
+            self._fail("W&B could not start", e)
             return
-        self.run, self.offline = job.tracker.run, job.offline
-        self.accelerator.trackers.append(job.tracker)
-        self._announce(job.why_offline)
         for what, action in queued:
             self._guard(what, action)
 
@@ -540,6 +586,8 @@ class Tracker:
             self.run.define_metric("epoch")
             for pattern in ("val/*", "val_ema/*", "train/epoch_loss", "perf/*", "figures/*", "latent/*"):
                 self.run.define_metric(pattern, step_metric="epoch")
+            # the run's summary keeps the best (lowest) test loss, not the last; the final table says both
+            self.run.define_metric("val/loss", step_metric="epoch", summary="min")
         self._to_wandb("defining metrics", define)
 
     def figures_due(self, every: int, epoch: int, last: bool) -> bool:
@@ -621,6 +669,9 @@ class Tracker:
             artifact = wandb.Artifact(f"model-{self.run_id}", type="model",
                                       metadata={"epoch": epoch, **metrics})
             artifact.add_file(str(path), name="model.pt")
+            config = path.parent / "config.yaml"  # the run's resolved config: what the model was trained with
+            if config.is_file():
+                artifact.add_file(str(config), name="config.yaml")
             aliases = ["latest", f"epoch-{epoch}"] + (["best"] if best else [])
             self.run.log_artifact(artifact, aliases=aliases)
 
@@ -638,9 +689,9 @@ class Tracker:
         preempted rather than failed. A run W&B failed on earlier is closed too: when a job-wide SIGTERM (scancel)
         kills wandb's service, the next log call often fails before the harness sees its own SIGTERM.
         TensorBoard's event file is closed first: complete, whatever W&B does. A start still under way is waited
-        for: what was queued meanwhile reaches W&B before it is finished."""
+        for a few seconds (START_PATIENCE_S): what was queued meanwhile reaches W&B before it is finished."""
         self._close_tensorboard()
-        self.wait_for_wandb()
+        self.wait_for_wandb(patience_s=START_PATIENCE_S)
         run = self.run or self.dropped_run
         if run is None:
             return

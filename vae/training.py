@@ -99,7 +99,9 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
         run_dir.write_run_files(cfg, accelerator, console, state.history, loop.data, step_choice)
     clock.mark("resume" if resume else "run_files")
     loop.tracker = tracking.Tracker.start(accelerator, console, log=cfg.log, run_name=cfg.run.name, resumed=resume,
-                                          run_dir=cfg.run_dir, config=loop.config_dict, resumed_at=first_step)
+                                          run_dir=cfg.run_dir, config=loop.config_dict, resumed_at=first_step,
+                                          stop_requested=lambda: stop.requested)
+    cleanup.callback(loop.tracker.settle_start)  # W&B starts in the background: never left running at the exit
     loop.tracker.define_epoch_metrics()
     clock.mark("tracker")
     evaluation, drawn = None, None
@@ -379,16 +381,17 @@ def _finish(loop: Loop, state: RunState, evaluation: dict, drawn: dict | None, w
         "stopped_early": state.stops_early(cfg.train.early_stop_patience),
         "weights": "ema" if loop.ema is not None else "trained",  # what last.pt and best.pt hold
         "startup_s": loop.startup.seconds(),  # this start's, before its first step (a resume's own)
+        "wandb_start_wait_s": loop.tracker.start_wait_s,  # the loop's wait for W&B's start (in epoch 1's end)
     }
     if accelerator.is_main_process:
         if cfg.log.figures:
             drawn = drawn or _draw(loop, evaluation)
             figures.save_figures({"loss.png": figures.loss_curve(history), **drawn}, cfg.run_dir)
         checkpoint.atomic_write_text(cfg.run_dir / "summary.json", json.dumps(final, indent=1))
-        hidden = ("param_checksum_per_rank", "run_dir", "stopped_early", "weights", "startup_s")
+        hidden = ("param_checksum_per_rank", "run_dir", "stopped_early", "weights", "startup_s", "wandb_start_wait_s")
         shown = {k: v for k, v in final.items() if k not in hidden}
         loop.console.summary_table(f"{cfg.run_dir}: done", shown)
-        loop.tracker.summary({**{k: v for k, v in shown.items() if k != "train/loss"},
+        loop.tracker.summary({**{k: v for k, v in shown.items() if k not in ("train/loss", "val/loss")},
                               "train/epoch_loss": final["train/loss"],
                               "train_time_s": sum(row["epoch_time_s"] for row in history)})  # over all restarts
     accelerator.wait_for_everyone()
