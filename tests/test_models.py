@@ -122,6 +122,22 @@ def test_conv_takes_any_image_shape_its_convolutions_halve(image_shape, flat):
     torch.testing.assert_close(model.decode(z)[:, 1], model.decode(z[:, 1]))
 
 
+def test_activation_tanh_puts_tanh_wherever_relu_was_and_the_paper_config_builds_the_papers_model():
+    for arch in ("mlp", "conv"):
+        relu, tanh = (build_model(ModelConfig(arch=arch, z_dim=3, hidden=(16, 8), channels=(4,), activation=a), MNIST)
+                      for a in ("relu", "tanh"))
+        kinds = [[type(m).__name__ for m in model.modules() if not list(m.children())] for model in (relu, tanh)]
+        assert [k.replace("ReLU", "Tanh") for k in kinds[0]] == kinds[1] and "ReLU" not in kinds[1], arch
+        assert kinds[1].count("Tanh") == (4 if arch == "mlp" else 6), kinds[1]
+    cfg = load_config(REPO / "configs/paper/iwae_vae.yaml")
+    model = build_model(cfg.model, MNIST)
+    widths = [tuple(p.shape) for name, p in model.named_parameters() if name.endswith("weight")]
+    assert widths == [(200, 784), (200, 200), (100, 200), (200, 50), (200, 200), (784, 200)]
+    assert (cfg.data.binarize, cfg.train.batch_size, cfg.train.adam_eps, cfg.train.adam_betas) == \
+        ("dynamic", 20, 1e-4, (0.9, 0.999))
+    assert (cfg.train.lr, cfg.train.lr_schedule, cfg.train.epochs) == (1e-3, "iwae", 3280)
+
+
 @pytest.mark.parametrize("image_shape, channels, steps", [
     ((1, 28, 28), (32, 64, 128), "28x28 -> 14x14 -> 7x7 -> 3.5x3.5"),
     ((1, 30, 30), (32, 64), "30x30 -> 15x15 -> 7.5x7.5"),

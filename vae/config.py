@@ -99,6 +99,9 @@ class ModelConfig:
     channels: tuple[int, ...] = (32, 64)
     """arch=conv: the channels of the encoder's convolutions, each 4x4 with stride 2 (halving the image); the
     decoder mirrors them with transposed convolutions."""
+    activation: Literal["relu", "tanh"] = "relu"
+    """The nonlinearity after every hidden layer of mlp and conv: relu (the tutorial's) or tanh (the IWAE paper's
+    models, configs/paper/iwae_vae.yaml)."""
 
     def __post_init__(self) -> None:
         _require(self.arch in ("mlp", "conv") or bool(USER_CLASS.fullmatch(self.arch)), "model.arch",

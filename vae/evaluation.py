@@ -27,7 +27,7 @@ from .errors import HarnessError, first_line
 from .figures import model_figures, save_figures
 from .files import file_in_the_way
 from .launch import check_backend, check_processes, process_group_handlers
-from .metrics import score_batch, summarize
+from .metrics import images_per_batch, score_batch, summarize
 from .models import VAE, ModelError, build_model
 from .objectives import negative_elbo_terms
 
@@ -96,19 +96,19 @@ def evaluate_test_set(model, images: torch.Tensor, labels: torch.Tensor, noise: 
 
 
 def _score_test_set(model: VAE, images: torch.Tensor, accelerator: Accelerator, batch_size: int, iwae_k: int,
-                    seed: int) -> dict[str, torch.Tensor]:
+                    seed: int, dequantize: bool) -> dict[str, torch.Tensor]:
     """Per-image metrics of all test images, in image order, on every process: each process scores its contiguous
     share (vae.data.share_bounds) in batches of about batch_size / N, then the shares are gathered."""
     world = accelerator.num_processes
     if world > len(images):
         raise HarnessError(f"{world} processes for {len(images)} test images: start at most {len(images)}")
     lo, hi = share_bounds(len(images), world, accelerator.process_index)
-    chunk = max(1, batch_size // world)
+    chunk = max(1, min(batch_size // world, images_per_batch(iwae_k, model.z_dim)))
     parts: dict[str, list[torch.Tensor]] = {}
     for start in range(lo, hi, chunk):
         end = min(start + chunk, hi)
         x = to_unit_float(images[start:end].to(accelerator.device))
-        scores = score_batch(model, x, torch.arange(start, end), iwae_k=iwae_k, seed=seed)
+        scores = score_batch(model, x, torch.arange(start, end), iwae_k=iwae_k, seed=seed, dequantize=dequantize)
         for key, value in scores.items():
             parts.setdefault(key, []).append(value)
     return {key: gather_shares(torch.cat(values), len(images), accelerator) for key, values in parts.items()}
@@ -127,7 +127,7 @@ def _check_outputs(out: Path, out_dir: Path | None) -> None:
 def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | Path | None = None,
              out_dir: str | Path | None = None, batch_size: int = 500, cpu: bool = False,
              data_root: str | None = None, figures: bool = True, wandb: bool = False,
-             dist_backend: str = "auto", fcd_samples: int = 10_000) -> dict:
+             dist_backend: str = "auto", fcd_samples: int = 10_000, test_images: int | None = None) -> dict:
     """Score a checkpoint on all 10,000 test images; main process writes JSON + figures. Returns the metrics.
     wandb: also log them into the W&B run of the checkpoint's run directory (see vae.tracking)."""
     if iwae_k < 1:
@@ -136,6 +136,8 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         raise HarnessError(f"--batch-size: must be >= 1 (got {batch_size})")
     if fcd_samples < 0 or fcd_samples == 1:
         raise HarnessError(f"--fcd-samples: must be 0 (off) or at least 2 (got {fcd_samples})")
+    if test_images is not None and test_images < 1:
+        raise HarnessError(f"--test-images: must be >= 1 (got {test_images}); leave it out to score them all")
     started = time.perf_counter()
     path = resolve_checkpoint(ckpt)
     out_dir = Path(out_dir) if out_dir else path.parent / "eval"
@@ -151,10 +153,11 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
     check_backend(accelerator, dist_backend, "--dist-backend")
     console = RunConsole(accelerator.is_main_process)
     dataset = load_dataset(data, console.info, fetching=accelerator.local_main_process_first())
-    images, labels = dataset.test_images, dataset.test_labels
+    images, labels = dataset.test_images[:test_images], dataset.test_labels[:test_images]
     model.to(accelerator.device).eval()
+    eight_bit = data.binarize == "none"
     per_image = {key: value.cpu() for key, value in _score_test_set(model, images, accelerator, batch_size,
-                                                                      iwae_k, seed).items()}
+                                                                      iwae_k, seed, eight_bit).items()}
     per_image["labels"] = labels
 
     metrics = summarize(per_image)
@@ -165,7 +168,11 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         "checkpoint": str(path),
         "checkpoint_epoch": payload.get("epoch"),
         "weights": payload.get("weights", "trained"),  # "ema": the average train.ema_decay kept
-        "config": {"z_dim": cfg.model.z_dim, "hidden": list(cfg.model.hidden), "run": cfg.run.name},
+        "protocol": likelihood_protocol(data, len(dataset.test_images), metrics, iwae_k, seed),
+        "config": {"arch": cfg.model.arch, "z_dim": cfg.model.z_dim, "hidden": list(cfg.model.hidden),
+                   **({"channels": list(cfg.model.channels)} if cfg.model.arch == "conv" else {}),
+                   "activation": cfg.model.activation, "image_shape": list(dataset.image_shape),
+                   "data": data.name, "binarize": data.binarize, "run": cfg.run.name},
         "device": str(accelerator.device),
         "num_processes": accelerator.num_processes,
         "wall_time_s": time.perf_counter() - started,
@@ -183,6 +190,7 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
                               f"images, nats per image", {
                                   "-ELBO (nelbo)": metrics["nelbo"], "recon": metrics["recon"], "kl": metrics["kl"],
                                   f"IWAE NLL (k={iwae_k})": metrics["iwae_nll"],
+                                  **({"bits/dim (dequantized)": metrics["bits_per_dim"]} if eight_bit else {}),
                                   "active units": f"{metrics['active_units']} / {cfg.model.z_dim}",
                                   **({f"FCD ({fcd_samples:,} samples)": results["fcd"]} if fcd_samples else {}),
                                   "wall time (s)": results["wall_time_s"]})
@@ -205,6 +213,27 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         return results
     accelerator.wait_for_everyone()
     return results
+
+
+def likelihood_protocol(data, all_test_images: int, metrics: dict, iwae_k: int, seed: int) -> dict:
+    """What produced the likelihood numbers, for metrics.json: a reader can tell a paper's number from another."""
+    scored = metrics["n_images"]
+    test_set = f"{data.name} test set, {scored} of {all_test_images} images" if scored < all_test_images else \
+        f"{data.name} test set, all {scored} images"
+    protocol = {"bound": f"IWAE (Burda et al. 2015), k={iwae_k} samples of q(z|x) per image, noise seeded by "
+                         f"(seed {seed}, image index)", "k": iwae_k, "test_images": scored,
+                "whole_test_set": scored == all_test_images}
+    if data.binarize != "none":
+        protocol.update(data=f"{test_set}, binarized once (fixed seed) as data.binarize={data.binarize} trains on",
+                        nll_nats=metrics["iwae_nll"],
+                        paper_protocol=iwae_k >= 5000 and scored == all_test_images)  # as Burda et al.'s Table 1
+    else:
+        protocol.update(data=f"{test_set}, 8-bit grey levels", bits_per_dim=metrics["bits_per_dim"],
+                        dequantization="uniform: u = (v + U) / 256, U ~ Uniform[0, 1) per pixel; the decoder's logits "
+                                       "as a continuous Bernoulli density of u; bits/dim = (IWAE NLL(u) + D ln 256) / "
+                                       "(D ln 2), an upper bound on the discrete NLL",
+                        iwae_nll_note="iwae_nll scores grey levels under the Bernoulli loss: a loss, no likelihood")
+    return protocol
 
 
 def sample_quality(model, data, dataset, count: int, seed: int, device: torch.device, say) -> dict:

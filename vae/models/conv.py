@@ -7,7 +7,8 @@ of stride 2, each doubling the height and width, back to [C, H, W] *logits* (ReL
 
 MNIST with model.channels=[32, 64]: 28x28 -> 14x14 -> 7x7, 64 x 7 x 7 = 3136 features. The height and width must
 halve exactly at every convolution (divisible by 2 ** len(channels)) for the decoder to come back to them.
-No normalisation layers: an image's output depends on that image alone (vae.models.protocol).
+model.activation=tanh puts tanh where ReLU is. No normalisation layers: an image's output depends on that image
+alone (vae.models.protocol).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .mlp import _mlp
+from .mlp import ACTIVATIONS, _mlp
 from .protocol import GaussianVAE, ModelError
 
 KERNEL, STRIDE, PADDING = 4, 2, 1  # output = input / 2 exactly for even sizes, in both directions
@@ -36,22 +37,23 @@ def halved_size(image_shape: tuple[int, int, int], channels: tuple[int, ...]) ->
     return height // factor, width // factor
 
 
-def _conv_stack(widths: list[int], transposed: bool) -> nn.Sequential:
-    """4x4 stride-2 convolutions between consecutive widths, ReLU after each (the decoder's last excepted)."""
+def _conv_stack(widths: list[int], transposed: bool, activation: str) -> nn.Sequential:
+    """4x4 stride-2 convolutions between consecutive widths, the activation after each (the decoder's last
+    excepted)."""
     layer = nn.ConvTranspose2d if transposed else nn.Conv2d
     layers: list[nn.Module] = []
     for fan_in, fan_out in zip(widths[:-1], widths[1:], strict=True):
-        layers += [layer(fan_in, fan_out, KERNEL, STRIDE, PADDING), nn.ReLU()]
+        layers += [layer(fan_in, fan_out, KERNEL, STRIDE, PADDING), ACTIVATIONS[activation]()]
     return nn.Sequential(*(layers[:-1] if transposed else layers))
 
 
 class Encoder(nn.Module):
     def __init__(self, image_shape: tuple[int, int, int], channels: list[int], hidden: list[int], z_dim: int,
-                 flat: int):
+                 flat: int, activation: str):
         super().__init__()
         self.image_shape = image_shape
-        self.convs = _conv_stack([image_shape[0], *channels], transposed=False)
-        self.body = _mlp([flat, *hidden])
+        self.convs = _conv_stack([image_shape[0], *channels], transposed=False, activation=activation)
+        self.body = _mlp([flat, *hidden], activation)
         self.head = nn.Linear(hidden[-1], 2 * z_dim)  # mu and log sigma^2 from one Linear, as the mlp's
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,11 +64,11 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     def __init__(self, image_shape: tuple[int, int, int], channels: list[int], hidden: list[int], z_dim: int,
-                 features: tuple[int, int, int]):
+                 features: tuple[int, int, int], activation: str):
         super().__init__()
         self.features = features  # the shape of the last convolution's output, where the decoder starts
-        self.body = _mlp([z_dim, *reversed(hidden), math.prod(features)])
-        self.deconvs = _conv_stack([*reversed(channels), image_shape[0]], transposed=True)
+        self.body = _mlp([z_dim, *reversed(hidden), math.prod(features)], activation)
+        self.deconvs = _conv_stack([*reversed(channels), image_shape[0]], transposed=True, activation=activation)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # Convolutions take one batch dimension: the leading ones ([B, k] importance samples) are folded into it.
@@ -83,8 +85,8 @@ class ConvVAE(GaussianVAE):
         channels, hidden = list(cfg.channels), list(cfg.hidden)
         height, width = halved_size(self.image_shape, tuple(channels))
         features = (channels[-1], height, width)
-        self.encoder = Encoder(self.image_shape, channels, hidden, cfg.z_dim, math.prod(features))
-        self.decoder = Decoder(self.image_shape, channels, hidden, cfg.z_dim, features)
+        self.encoder = Encoder(self.image_shape, channels, hidden, cfg.z_dim, math.prod(features), cfg.activation)
+        self.decoder = Decoder(self.image_shape, channels, hidden, cfg.z_dim, features, cfg.activation)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(x)
