@@ -10,8 +10,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from vae.config import LogConfig
 from vae.console import RunConsole
-from vae.tensorboard_tracking import MISSING
 from vae.tracking import RUN_FILE, Tracker
+from vae.tracking.tensorboard_backend import MISSING
 
 from .conftest import REPO, assert_ok, python, read_jsonl, train_cmd
 from .wandb_records import offline_run_dirs, read_offline_run

@@ -1,4 +1,5 @@
-"""TensorBoard through Accelerate's own TensorBoardTracker: the event files of a run in <run dir>/tensorboard/.
+"""TensorBoard (log.trackers=[tensorboard]) through Accelerate's own TensorBoardTracker: the event files of a run in
+<run dir>/tensorboard/. RunTensorBoard is that tracker; TensorBoardBackend is what vae.tracking.Tracker calls.
 
 - One folder per run directory, across restarts: a resumed run writes another event file into the same folder,
   and TensorBoard shows the folder's files as one run. Steps an earlier start logged are not logged again (the
@@ -8,8 +9,8 @@
 - Never fatal: a failing write (disk full) warns once, and training goes on without TensorBoard.
 - tensorboard is an optional dependency: `require()` turns its absence into a one-line error before training.
 
-vae.tracking starts it next to W&B and registers it on the Accelerator, so that accelerator.log and
-accelerator.end_training reach it; it is not passed as Accelerator(log_with=...), because init_trackers starts
+TensorBoardBackend starts it next to W&B and registers it on the Accelerator (accelerator.trackers,
+accelerator.get_tracker reach it); it is not passed as Accelerator(log_with=...), because init_trackers starts
 every tracker of log_with together, and W&B's start (with its fall-back to offline) must not start it twice.
 """
 
@@ -23,9 +24,10 @@ from pathlib import Path
 
 from accelerate.tracking import TensorBoardTracker
 
-from .config import ConfigError, flat_keys
-from .console import RunConsole
-from .errors import first_line
+from ..config import ConfigError, flat_keys
+from ..console import RunConsole
+from ..errors import first_line
+from .backend import Backend, shown_path
 
 FOLDER = "tensorboard"
 MISSING = ("log.trackers has tensorboard but the tensorboard package is not installed: pip install tensorboard, "
@@ -148,7 +150,7 @@ class RunTensorBoard(TensorBoardTracker):
         self.failed = True
 
     def log(self, values: dict, step: int | None = None, **kwargs) -> None:
-        """Accelerate's log (numbers as scalars); vae.tracking.Tracker has left out the steps the folder holds."""
+        """Accelerate's log (numbers as scalars); the Tracker has left out the steps the folder holds (Steps)."""
         self._guarded("logging", lambda: super(RunTensorBoard, self).log(values, step=step, **kwargs))
 
     def log_figures(self, figures: dict, step: int, prefix: str = "") -> None:
@@ -169,3 +171,51 @@ class RunTensorBoard(TensorBoardTracker):
                 writer.close()
             except Exception as error:
                 self._fail("TensorBoard failed while closing its event file", error)
+
+
+class TensorBoardBackend(Backend):
+    """log.trackers=[tensorboard]: a RunTensorBoard while it is on, on the main process."""
+
+    name = "tensorboard"
+
+    def __init__(self, accelerator, console: RunConsole, steps):
+        super().__init__(accelerator, console, steps)
+        self.tracker: RunTensorBoard | None = None  # while TensorBoard is on
+
+    @property
+    def on(self) -> bool:
+        return self.tracker is not None
+
+    def start(self, log, run_name: str | None, run_dir: Path, config: dict | None, resumed: bool) -> None:
+        """First in the Accelerator's trackers (W&B's joins them when its start is over), as the Tracker calls it
+        first: W&B's failure or wait then cannot cost it a row."""
+        tensorboard = RunTensorBoard(run_dir, self.console)
+        if not tensorboard.open(config, resumed):
+            return
+        self.tracker = tensorboard
+        self.accelerator.trackers.insert(0, tensorboard)
+        self.steps.held(tensorboard.logged_before)
+        tensorboard.logged_before = self.steps.logged_before
+        self.console.info(f"TensorBoard: tensorboard --logdir {shown_path(tensorboard.folder)}")
+
+    def log(self, values: dict, step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log(values, step=step)
+
+    def log_figures(self, figures: dict, latents, labels, epoch: int, step: int, prefix: str = "",
+                    points: int = 0) -> bool:
+        """The figures as images <prefix>figures/<name> (the latent table is W&B's alone)."""
+        if self.tracker is None:
+            return False
+        self.tracker.log_figures(figures, step, prefix)
+        return True
+
+    def interrupted(self, preempted: bool, exit_code: int) -> None:
+        """Closed before W&B is waited for and finished: the event file is complete, whatever W&B does."""
+        self.end()
+
+    def end(self) -> None:
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.accelerator.trackers = [t for t in self.accelerator.trackers if t is not self.tracker]
+            self.tracker = None
