@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	touch $@
 
 data: venv
-	$(PY) -c "from vae.data import ensure_mnist; ensure_mnist('$(DATA)')"
+	$(PY) -c "from vae.datasets.mnist import ensure_mnist; ensure_mnist('$(DATA)')"
 
 train: venv data
 	$(VENV)/bin/accelerate launch train.py --config $(CONFIG) data.root=$(DATA)

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def evaluation_run() -> None:
-        from vae.evaluation import evaluate  # imported here so that --help and usage errors answer at once
+        from vae.evaluation.scoring import evaluate  # imported here so that --help and usage errors answer at once
 
         evaluate(args.ckpt, iwae_k=args.iwae_k, seed=args.seed, out=args.out, out_dir=args.out_dir,
                  batch_size=args.batch_size, cpu=args.cpu, data_root=args.data_root,

@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def train_run() -> None:
         cfg = load_config(args.config, args.overrides)  # before torch is imported: a config error answers at once
-        from vae.training import train
+        from vae.training.loop import train
 
         train(cfg)
 

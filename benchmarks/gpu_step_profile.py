@@ -1,6 +1,6 @@
 """How close a training step comes to the GPU's own work: wall time per step against the kernel time per step
-that torch.profiler records, for the eager step, the CUDA-graph step (vae.step), each with torch.compile, at each
-batch size; with the device operations per step, the costliest kernels, and what one tiny kernel costs on this
+that torch.profiler records, for the eager step, the CUDA-graph step (vae.training.step), each with torch.compile,
+at each batch size; with the device operations per step, the costliest kernels, and what one tiny kernel costs on this
 machine eagerly and inside a graph (which of launching or the kernels bounds a step).
 
     python benchmarks/gpu_step_profile.py --batch-size 50 1024 --variants eager graph --json out.json
@@ -20,12 +20,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from vae.cluster.launch import make_accelerator  # noqa: E402
 from vae.config import load_config  # noqa: E402
-from vae.data import EpochBatches, ensure_mnist, load_mnist  # noqa: E402
+from vae.datasets.batches import EpochBatches  # noqa: E402
+from vae.datasets.mnist import ensure_mnist, load_mnist  # noqa: E402
 from vae.errors import first_line  # noqa: E402
-from vae.launch import make_accelerator  # noqa: E402
 from vae.models import build_model  # noqa: E402
-from vae.step import make_train_step, prepare_optimization  # noqa: E402
+from vae.training.step import make_train_step, prepare_optimization  # noqa: E402
 
 
 def _steps(train_step, batches: EpochBatches, count: int) -> None:
@@ -42,7 +43,8 @@ def _steps(train_step, batches: EpochBatches, count: int) -> None:
 
 # name: (CUDA graph, torch.compile). "compiled + graph" is not a train.py setting (train.cuda_graph and
 # train.compile are exclusive there): it is measured to show what the two together would give. "graph, fused Adam"
-# is the graph step with torch's fused capturable Adam in place of vae.optim.FlatAdam (what the graph used before).
+# is the graph step with torch's fused capturable Adam in place of vae.training.optim.FlatAdam (what the graph used
+# before).
 VARIANTS = {"eager": (False, False), "graph": (True, False), "compiled": (False, True),
             "compiled + graph": (True, True), "graph, fused Adam": (True, False)}
 

@@ -20,10 +20,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vae.data import ensure_mnist, load_mnist, to_unit_float  # noqa: E402
+from vae.datasets.batches import to_unit_float  # noqa: E402
+from vae.datasets.mnist import ensure_mnist, load_mnist  # noqa: E402
 from vae.models import MLPVAE as VAE  # noqa: E402
 from vae.models import reparameterize  # noqa: E402
-from vae.objectives import negative_elbo_terms  # noqa: E402
+from vae.models.objectives import negative_elbo_terms  # noqa: E402
 
 
 class TwoHeadVAE(VAE):

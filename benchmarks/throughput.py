@@ -13,7 +13,7 @@ Every figure is train samples per second of one epoch after a warm-up; an "epoch
   loop are left out, so if anything the tutorial is measured faster than it runs. Where torchvision is not
   installed, the same per-image work (a PIL image per sample, then ToTensor's conversion) stands in for it.
   A short warm-up (20 train and 5 test batches) runs first and is not timed.
-- harness: `vae.training.train(cfg)`, exactly what train.py runs, for 2 epochs in a temporary run directory
+- harness: `vae.training.loop.train(cfg)`, exactly what train.py runs, for 2 epochs in a temporary run directory
   (no W&B, no figures), with the eager step (`train.cuda_graph=false`); the figures are those of the second
   epoch as written to metrics.jsonl (the first one includes start-up and warm-up).
 - harness + CUDA graph (GPU only): the same with `train.cuda_graph=true`. If that fails (for example the key is
@@ -42,9 +42,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vae.config import config_from_dict  # noqa: E402
-from vae.data import ensure_mnist, raw_dir  # noqa: E402
+from vae.datasets.mnist import ensure_mnist, raw_dir  # noqa: E402
 from vae.errors import first_line  # noqa: E402
-from vae.training import train  # noqa: E402
+from vae.training.loop import train  # noqa: E402
 
 TEST_IMAGES = 10000
 

@@ -98,6 +98,6 @@ wait_for() {
 # The run directory's newest requested stop, in words (what the harness recorded in starts.jsonl): why this start
 # of the job exists.
 previous_stop() {
-  python -c 'import sys; from vae.preemption import previous_stop; print(previous_stop(sys.argv[1]))' "$1" 2>/dev/null \
+  python -c 'import sys; from vae.cluster.preemption import previous_stop; print(previous_stop(sys.argv[1]))' "$1" 2>/dev/null \
     || echo "? (an older harness)"
 }

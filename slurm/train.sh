@@ -86,8 +86,8 @@ port=$(( 20000 + ${SLURM_JOB_ID:-0} % 10000 ))
 # --mixed_precision no only sets the default: train.mixed_precision=bf16 (or fp16) in the config still wins.
 if (( GPUS_PER_NODE > 1 )); then
   procs=$GPUS_PER_NODE
-  # vae.launcher is `accelerate launch` keeping the workers' exit code after a planned stop (not 1 and a traceback)
-  launch=(python -m vae.launcher --num_machines 1 --mixed_precision no --dynamo_backend no
+  # vae.cluster.launcher is `accelerate launch` keeping the workers' exit code after a planned stop (not 1 and a traceback)
+  launch=(python -m vae.cluster.launcher --num_machines 1 --mixed_precision no --dynamo_backend no
           --multi_gpu --num_processes "$procs" --main_process_port "$port")
   how="$procs processes, one per GPU (DDP)"
 elif (( GPUS_PER_NODE == 1 )); then

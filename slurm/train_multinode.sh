@@ -108,21 +108,21 @@ echo "config:     $CONFIG ${overrides[*]}"
 echo "run dir:    $run_dir"
 echo "restarts:   ${SLURM_RESTART_COUNT:-0}; previous stop: $(previous_stop "$run_dir")"
 echo "python:     $(command -v python) | WANDB_MODE=$WANDB_MODE"
-echo "command:    srun --nodes=$nodes --ntasks-per-node=1 python -m vae.launcher --machine_rank \$SLURM_NODEID ${launcher_opts[*]} ${script[*]}"
+echo "command:    srun --nodes=$nodes --ntasks-per-node=1 python -m vae.cluster.launcher --machine_rank \$SLURM_NODEID ${launcher_opts[*]} ${script[*]}"
 echo "==="
 
 export PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
 # One task per node. Inside the single quotes $SLURM_NODEID is read on each node, by that node's shell, so each
 # launcher gets its own machine rank. The arguments come after `bash -c '...' node` as "$@", unquoted nowhere.
-# The launcher is `accelerate launch` run by vae.launcher, which keeps the workers' exit code after a planned
+# The launcher is `accelerate launch` run by vae.cluster.launcher, which keeps the workers' exit code after a planned
 # stop (instead of 1 and a traceback). It ignores USR1, USR2 and TERM (set before exec, inherited, and TERM
 # left out of torchrun's signal list): when srun passes a signal on, Slurm signals EVERY process of the step,
 # and the launcher must outlive its training processes, which catch it, checkpoint and exit.
 # shellcheck disable=SC2016  # the single quotes are the point: expanded on each node
 srun --nodes="$nodes" --ntasks="$nodes" --ntasks-per-node=1 --cpus-per-task="$cpus_per_node" --kill-on-bad-exit=1 \
   bash -c 'trap "" USR1 USR2 TERM
-           echo "node $SLURM_NODEID ($(hostname -s)): python -m vae.launcher --machine_rank $SLURM_NODEID"
-           exec python -m vae.launcher --machine_rank "$SLURM_NODEID" "$@"' node "${launcher_opts[@]}" "${script[@]}" &
+           echo "node $SLURM_NODEID ($(hostname -s)): python -m vae.cluster.launcher --machine_rank $SLURM_NODEID"
+           exec python -m vae.cluster.launcher --machine_rank "$SLURM_NODEID" "$@"' node "${launcher_opts[@]}" "${script[@]}" &
 step=$!
 # shellcheck disable=SC2329  # called from the traps below
 forward() {

@@ -21,7 +21,7 @@ ACCELERATE_LAUNCH = [str(VENV_BIN / "accelerate"), "launch", "--main_process_por
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     """The repository's data/ folder with verified MNIST (fetched once if missing, as `make data` does)."""
-    from vae.data import ensure_mnist
+    from vae.datasets.mnist import ensure_mnist
 
     ensure_mnist(DATA_ROOT, download=True)
     return DATA_ROOT

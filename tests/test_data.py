@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vae.data import EpochBatches, to_unit_float
 from vae.datasets import DataError
+from vae.datasets.batches import EpochBatches, to_unit_float
 from vae.datasets.mnist import MNIST_FILES, ensure_mnist, load_mnist, raw_dir, verify_mnist
 
 from .conftest import python, train_cmd
@@ -233,7 +233,7 @@ def test_training_data_carries_the_datasets_shape_class_names_and_labels(mnist_r
     from accelerate.state import AcceleratorState
 
     from vae.config import Config, DataConfig
-    from vae.data import load_training_data
+    from vae.datasets.batches import load_training_data
 
     cfg = Config(data=DataConfig(root=str(mnist_root), train_subset=500, binarize="static"))
     try:

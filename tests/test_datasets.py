@@ -24,7 +24,7 @@ from vae.datasets.binarize import (
 )
 from vae.datasets.fashion_mnist import FASHION_MNIST, FASHION_MNIST_FILES
 
-# sha256 of the tensors vae.data decoded from the real MNIST before the datasets moved into vae.datasets:
+# sha256 of the tensors vae.datasets.batches decoded from the real MNIST before the datasets moved into vae.datasets:
 # (train images, train labels, test images, test labels). `mnist` must stay today's data to the last bit.
 MNIST_SHA256 = (
     "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",

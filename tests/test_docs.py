@@ -21,12 +21,13 @@ def tour_section() -> str:
     return re.split(r"^## ", section, maxsplit=1, flags=re.MULTILINE)[0]
 
 
-def test_readme_tour_names_every_vae_module():
+def test_readme_tour_names_every_vae_module_and_package():
     tour = tour_section()
     modules = sorted(p.name for p in (REPO / "vae").glob("*.py") if p.name != "__init__.py")
-    assert modules, "no modules found under vae/"
-    # whole file names: a tour naming run_state.py does not name a state.py
-    missing = [name for name in modules if not re.search(rf"(?<![\w.]){re.escape(name)}", tour)]
+    packages = sorted(f"{p.parent.name}/" for p in (REPO / "vae").glob("*/__init__.py"))
+    assert modules and packages, "no modules or packages found under vae/"
+    # whole names: a tour naming run_state.py does not name a state.py, nor models/ a mymodels/
+    missing = [name for name in modules + packages if not re.search(rf"(?<![\w.]){re.escape(name)}", tour)]
     assert not missing, f"README.md's '{TOUR_HEADING}' section does not name: {', '.join(missing)}"
 
 

@@ -9,9 +9,9 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
 from vae.config import ConfigError, dump_yaml, load_config
-from vae.ema import EMA_FILE, WeightAverage, weight_average
 from vae.errors import TrainingError
-from vae.resume import check_resumable
+from vae.training.ema import EMA_FILE, WeightAverage, weight_average
+from vae.training.resume import check_resumable
 
 
 def test_the_average_follows_the_warmed_up_decay_and_leaves_the_trained_weights_alone():

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from vae.checkpoint import load_model_file
+from vae.storage.checkpoint import load_model_file
 
 from .conftest import accelerate_launch, assert_ok, python, train_cmd
 

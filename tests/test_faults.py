@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from vae.checkpoint import complete_states, load_model_file
+from vae.storage.checkpoint import complete_states, load_model_file
 
 from .conftest import (
     ACCELERATE_LAUNCH,
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 LONG = ["data.train_subset=20000", "train.epochs=3", "log.figures=false"]
 # The Slurm scripts' launcher for several processes (accelerate launch keeping the workers' exit code)
-VAE_LAUNCHER = [sys.executable, "-m", "vae.launcher", "--main_process_port", "0"]
+VAE_LAUNCHER = [sys.executable, "-m", "vae.cluster.launcher", "--main_process_port", "0"]
 
 
 def test_a_second_training_in_the_same_run_directory_is_refused_while_the_first_runs(tmp_path, mnist_root):
@@ -59,7 +59,7 @@ def _epoch_1_train_time(run_dir):
 def test_kill_9_mid_epoch_then_same_command_equals_uninterrupted(tmp_path, mnist_root):
     """A SIGKILL cannot be caught: the run resumes from the last full checkpoint (end of epoch 1) and, since
     resuming from a checkpoint is exact, still ends with the uninterrupted run's parameters."""
-    from vae.checkpoint import read_trainer_state
+    from vae.storage.checkpoint import read_trainer_state
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert_ok(python(*train_cmd(straight, mnist_root, *LONG)))
@@ -103,7 +103,7 @@ accelerate.Accelerator.save_state = save_state
 def test_second_ctrl_c_exits_at_once_and_leaves_a_usable_checkpoint(tmp_path, mnist_root):
     """The first Ctrl-C stops at the next step and writes a checkpoint, which a stalled disk makes take a minute
     (_STALLING_SAVES). A second Ctrl-C leaves at once; the last complete checkpoint is intact and resumes."""
-    from vae.checkpoint import read_trainer_state
+    from vae.storage.checkpoint import read_trainer_state
 
     settings = ["data.train_subset=5000", "train.epochs=2", "log.figures=false", "log.wandb=false"]
     run_dir, stall = tmp_path / "r", tmp_path / "stall"
@@ -243,8 +243,8 @@ def test_a_second_sigterm_leaves_at_once_while_blocked_in_a_collective(tmp_path,
 @pytest.mark.launcher
 def test_sigterm_to_rank_0_alone_stops_both_ranks_alike_and_each_rank_log_holds_its_own_line(tmp_path, mnist_root):
     """Only rank 0 gets SIGTERM (a user's kill, a node's OOM handler): both processes agree to stop mid-epoch 2
-    and both stop for SIGTERM (same message, exit code 143), and vae.launcher, as the Slurm scripts run it, exits
-    143 in one line. With log.per_rank_logs, the shared output has rank 0's progress and its stop line once;
+    and both stop for SIGTERM (same message, exit code 143), and vae.cluster.launcher, as the Slurm scripts run it,
+    exits 143 in one line. With log.per_rank_logs, the shared output has rank 0's progress and its stop line once;
     logs/rank-0.log the same; logs/rank-1.log rank 1's own stop line, which the shared output leaves out (one line
     per node there)."""
     run_dir = tmp_path / "r"
@@ -452,7 +452,7 @@ def test_a_full_disk_is_told_apart_from_other_failures_of_other_writers(small_di
     errors; the run still calls it a full disk (and nothing else one)."""
     from safetensors.torch import save_file
 
-    from vae.checkpoint import as_disk_full, atomic_write_bytes
+    from vae.storage.checkpoint import as_disk_full, atomic_write_bytes
 
     disk = small_disk(1)
     tensors = {"w": torch.zeros(2**20)}  # 4 MiB

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from vae.plots import _grid_image
+from vae.figures.plots import _grid_image
 
 from .conftest import REPO
 
@@ -35,15 +35,15 @@ def test_an_rgb_grid_is_laid_out_as_torchvision_make_grid(count, per_row):
 
 FIRST_STEP_PROBE = """
 import os, sys
-import vae.step
+import vae.training.step
 from vae.config import load_config
-from vae.training import train
+from vae.training.loop import train
 
 def first_step(*args):  # the first training step: say what is imported by now, and stop
     print(sorted(m for m in ("torchvision", "matplotlib", "wandb") if m in sys.modules), flush=True)
     os._exit(0)
 
-vae.step.TrainStep.__call__ = first_step
+vae.training.step.TrainStep.__call__ = first_step
 train(load_config("configs/debug.yaml", sys.argv[1:]))
 """
 
@@ -60,7 +60,7 @@ def test_a_run_imports_no_plotting_tracking_or_torchvision_before_its_first_step
 
 
 def test_the_loss_curve_shows_the_weights_average_when_the_run_keeps_one():
-    from vae.plots import loss_curve
+    from vae.figures.plots import loss_curve
 
     rows = [{"epoch": e, "train/loss": 200.0 - e, "val/loss": 190.0 - e, "val_ema/loss": 180.0 - e} for e in (1, 2)]
     lines = loss_curve(rows).axes[0].get_lines()
@@ -73,7 +73,7 @@ def test_the_loss_curve_shows_the_weights_average_when_the_run_keeps_one():
 def test_a_figure_an_earlier_model_left_in_the_folder_is_removed(tmp_path):
     from matplotlib.figure import Figure
 
-    from vae.figures import save_figures
+    from vae.figures.model_figures import save_figures
 
     (tmp_path / "manifold.png").write_bytes(b"a z=2 model's")  # an earlier evaluation's, into the same --out-dir
     (tmp_path / "notes.txt").write_text("mine")
@@ -130,7 +130,7 @@ def _class_colors(figure):
 
 
 def test_the_figures_of_a_3x32x32_dataset_are_rgb_grids_of_its_images(tmp_path):
-    from vae.figures import model_figures, save_figures
+    from vae.figures.model_figures import model_figures, save_figures
 
     shape, names = (3, 32, 32), tuple(f"class {k}" for k in range(12))
     images, labels = _test_set(shape, classes=12)
@@ -155,7 +155,7 @@ def test_the_figures_of_a_3x32x32_dataset_are_rgb_grids_of_its_images(tmp_path):
 def test_figures_default_to_the_models_image_shape_and_numbered_classes():
     """A caller that passes neither (the training loop before it knew of datasets): the shape the model was built
     for (vae.models sets model.image_shape), and the labels' numbers as names, however many classes there are."""
-    from vae.figures import model_figures
+    from vae.figures.model_figures import model_figures
 
     shape = (3, 16, 24)
     images, labels = _test_set(shape, classes=12)
@@ -167,7 +167,7 @@ def test_figures_default_to_the_models_image_shape_and_numbered_classes():
 
 
 def test_the_latent_figure_names_fashion_mnists_classes():
-    from vae.figures import model_figures
+    from vae.figures.model_figures import model_figures
 
     shape = (1, 28, 28)
     images, labels = _test_set(shape, classes=10)
@@ -181,7 +181,7 @@ def test_the_latent_figure_names_fashion_mnists_classes():
 
 
 def test_many_classes_keep_distinct_colours_and_a_readable_colour_bar():
-    from vae.plots import MAX_CLASS_TICKS, latent_scatter
+    from vae.figures.plots import MAX_CLASS_TICKS, latent_scatter
 
     for count in (20, 45):
         names = tuple(f"c{k}" for k in range(count))

@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 
-from vae.checkpoint import complete_states, read_trainer_state
+from vae.storage.checkpoint import complete_states, read_trainer_state
 
 from .conftest import REPO, accelerate_launch, assert_ok, python, read_jsonl, train_cmd
 from .test_parity import _assert_same_model
@@ -102,7 +102,7 @@ def test_evaluate_gives_the_same_metrics_on_gpu_and_cpu(fp32_run, gpu_metrics, t
 
 @_on_one_worker("fp32")
 def test_iwae_with_1000_samples_stays_in_bounded_memory(fp32_run, tmp_path):
-    from vae.evaluation import evaluate
+    from vae.evaluation.scoring import evaluate
 
     run_dir, _ = fp32_run
     torch.cuda.reset_peak_memory_stats()
@@ -119,7 +119,7 @@ def _sync_warnings(run_dir, mnist_root, train_subset: int, every_steps: int, set
     from accelerate.state import AcceleratorState
 
     from vae.config import load_config
-    from vae.training import train
+    from vae.training.loop import train
 
     AcceleratorState._reset_state(reset_partial_state=True)
     cfg = load_config("configs/debug.yaml", [*QUIET, f"run.dir={run_dir}", f"data.root={mnist_root}",

@@ -1,4 +1,4 @@
-"""vae.launcher's exit code comes from what the training processes recorded, whichever way accelerate's launch
+"""vae.cluster.launcher's exit code comes from what the training processes recorded, whichever way accelerate's launch
 reports a worker's non-zero exit: 1.15 lets torchrun's ChildFailedError through, 1.16 (with --quiet) prints it
 and exits 1. Both are played here by a stand-in for accelerate's launch_command that writes the records the
 real workers write; the real two-process launches are in test_slurm.py and test_faults.py."""
@@ -8,8 +8,8 @@ import sys
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-from vae import launcher
-from vae.exit_records import RECORDS_DIR_ENV, read_exits, record_exit
+from vae.cluster import launcher
+from vae.cluster.exit_records import RECORDS_DIR_ENV, read_exits, record_exit
 
 LAUNCH_ARGS = ["--multi_gpu", "--num_processes", "2", "train.py", "--config", "configs/debug.yaml"]
 
@@ -30,7 +30,7 @@ BEHAVIOURS = {"accelerate 1.15: ChildFailedError": raise_child_failed, "accelera
 
 
 def launch_with(monkeypatch, report, codes, recorded):
-    """vae.launcher.main with accelerate's launch replaced: the workers exit with `codes`, those of `recorded`
+    """vae.cluster.launcher.main with accelerate's launch replaced: the workers exit with `codes`, those of `recorded`
     ranks having written their record (a worker killed or crashed writes none); then `report` plays accelerate."""
     import accelerate.commands.launch
 

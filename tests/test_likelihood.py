@@ -5,12 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vae.checkpoint import save_model_file
 from vae.config import ModelConfig, config_to_dict, load_config
 from vae.errors import HarnessError
-from vae.evaluation import _score_test_set, evaluate, likelihood_protocol
-from vae.metrics import NOISE_NUMBERS, continuous_bernoulli_log_norm, images_per_batch, score_batch
+from vae.evaluation.metrics import NOISE_NUMBERS, continuous_bernoulli_log_norm, images_per_batch, score_batch
+from vae.evaluation.scoring import _score_test_set, evaluate, likelihood_protocol
 from vae.models import build_model
+from vae.storage.checkpoint import save_model_file
 
 MNIST = (1, 28, 28)
 
@@ -26,7 +26,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def test_images(mnist_root):
-    from vae.data import load_mnist
+    from vae.datasets.mnist import load_mnist
 
     return load_mnist(mnist_root, train=False)[0][:300]  # uint8 [300, 784]
 

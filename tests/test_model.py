@@ -6,7 +6,7 @@ import torch
 
 from vae.config import ModelConfig
 from vae.models import MLPVAE, build_model
-from vae.objectives import kl_to_standard_normal, negative_elbo_terms, reconstruction_nats
+from vae.models.objectives import kl_to_standard_normal, negative_elbo_terms, reconstruction_nats
 
 
 def test_architecture_is_the_tutorials_mlp():
@@ -56,8 +56,9 @@ def test_loss_is_float32_and_finite_under_bf16_autocast():
 def test_fp16_starts_at_a_loss_scale_whose_gradients_fit_fp16(batch, z_dim, mnist_root):
     """The summed loss's gradients times the first loss scale stay below fp16's maximum at initialisation (where
     they are largest), so fp16 does not skip its first steps; GradScaler's default 65536 would overflow."""
-    from vae.data import load_mnist, to_unit_float
-    from vae.launch import FP16_MAX, fp16_initial_scale
+    from vae.cluster.launch import FP16_MAX, fp16_initial_scale
+    from vae.datasets.batches import to_unit_float
+    from vae.datasets.mnist import load_mnist
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(z_dim=z_dim), (1, 28, 28))
@@ -77,7 +78,7 @@ def test_fp16_starts_at_a_loss_scale_whose_gradients_fit_fp16(batch, z_dim, mnis
 
 
 def test_the_test_set_nelbo_does_not_depend_on_the_number_of_importance_samples():
-    from vae.metrics import score_batch
+    from vae.evaluation.metrics import score_batch
 
     torch.manual_seed(0)
     model = MLPVAE(z_dim=2).eval()

@@ -15,12 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vae.checkpoint import KIND, CheckpointError, load_model_file, save_model_file
 from vae.config import ModelConfig, config_to_dict, load_config
-from vae.data import load_mnist, to_unit_float
-from vae.evaluation import load_model
-from vae.metrics import score_batch
+from vae.datasets.batches import to_unit_float
+from vae.datasets.mnist import load_mnist
+from vae.evaluation.metrics import score_batch
+from vae.evaluation.scoring import load_model
 from vae.models import ARCHITECTURES, MLPVAE, ConvVAE, ModelError, build_model, conformance
+from vae.storage.checkpoint import KIND, CheckpointError, load_model_file, save_model_file
 
 from .conftest import ACCELERATE_LAUNCH, REPO, assert_ok, python, read_jsonl, run_cmd, train_cmd
 

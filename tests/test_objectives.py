@@ -1,4 +1,4 @@
-"""The loss section (vae.objectives) against hand computations on a small batch, and its keys through a real
+"""The loss section (vae.models.objectives) against hand computations on a small batch, and its keys through a real
 training that stops and resumes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vae.config import LossConfig, load_config
-from vae.objectives import Objective, negative_elbo_terms
+from vae.models.objectives import Objective, negative_elbo_terms
 
 from .conftest import assert_ok, python, read_jsonl, train_cmd
 from .test_tensorboard import read_events
@@ -82,7 +82,7 @@ def test_each_training_step_weighs_the_kl_as_the_warmup_says_at_its_step():
     from accelerate import Accelerator
 
     from vae.models import build_model
-    from vae.step import prepare_optimization, train_step_for
+    from vae.training.step import prepare_optimization, train_step_for
 
     cfg = load_config("configs/debug.yaml", ["loss.beta=2", "loss.kl_warmup_steps=4", "train.batch_size=4"])
     accelerator = Accelerator(cpu=True)

@@ -1,4 +1,4 @@
-"""vae.optim.FlatAdam, the CUDA graph's Adam, against torch.optim.Adam on the CPU: the same updates, the same
+"""vae.training.optim.FlatAdam, the CUDA graph's Adam, against torch.optim.Adam on the CPU: the same updates, the same
 state_dict in both directions, and a model whose parameters live in its flat buffer still saves every tensor."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from accelerate import Accelerator
 
 from vae.config import load_config
 from vae.models import VAE, build_model
-from vae.objectives import negative_elbo_terms
-from vae.optim import FlatAdam, make_optimizer, restore_step_settings
+from vae.models.objectives import negative_elbo_terms
+from vae.training.optim import FlatAdam, make_optimizer, restore_step_settings
 
 STEPS = 200
 BATCH = 32
@@ -65,7 +65,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def mnist_images(mnist_root):
-    from vae.data import load_mnist
+    from vae.datasets.mnist import load_mnist
 
     images, _ = load_mnist(mnist_root, train=True)
     return images[:10_000]
@@ -194,7 +194,7 @@ def test_flat_parameters_are_views_into_one_buffer_and_keep_being_updated_after_
 
 def test_a_model_under_flat_adam_saves_and_loads_every_tensor_through_accelerate(tmp_path, mnist_images):
     """Accelerate saves models as safetensors, which keeps one of several tensors sharing memory: without
-    vae.optim's state_dict hook only the first parameter of the flat buffer would reach the file."""
+    vae.training.optim's state_dict hook only the first parameter of the flat buffer would reach the file."""
     accelerator = Accelerator(cpu=True)
     raw = _model()
     adam = make_optimizer(raw, 1e-3, torch.device("cpu"), cuda_graph=True)

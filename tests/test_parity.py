@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vae.checkpoint import load_model_file
+from vae.storage.checkpoint import load_model_file
 
 from .conftest import ACCELERATE_LAUNCH, assert_ok, read_jsonl, run_cmd
 

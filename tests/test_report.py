@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vae.run_dir import RunDirLock
+from vae.cluster.run_dir import RunDirLock
 
 from .conftest import assert_ok, epochs_in, python, start, train_cmd, wait_until
 

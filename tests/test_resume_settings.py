@@ -9,8 +9,8 @@ import torch
 from vae.config import dump_yaml, load_config
 from vae.console import RunConsole
 from vae.errors import TrainingError
-from vae.resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr
-from vae.run_state import EpochSoFar, RunState
+from vae.training.resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr
+from vae.training.run_state import EpochSoFar, RunState
 
 
 def _optimizer_and_scheduler(lr: float, cosine_steps: int | None, steps_taken: int):

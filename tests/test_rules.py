@@ -13,12 +13,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from vae import checkpoint, preemption, run_dir
+from vae.cluster import preemption, run_dir
 from vae.config import Config, LogConfig, TrainConfig
 from vae.console import RunConsole
 from vae.errors import TrainingError
-from vae.resume import batch_order_settings, resume_full_state
-from vae.run_state import EpochResult, EpochSoFar, RunState
+from vae.storage import checkpoint
+from vae.training.resume import batch_order_settings, resume_full_state
+from vae.training.run_state import EpochResult, EpochSoFar, RunState
 
 DiskUsage = collections.namedtuple("DiskUsage", "total used free")
 MiB = 2**20
@@ -522,7 +523,7 @@ def test_a_refused_requeue_says_why_and_to_resubmit(tmp_path, monkeypatch):
 
 
 def _append_metrics_row(directory):
-    from vae.files import open_append
+    from vae.storage.files import open_append
 
     with open_append(directory / "metrics.jsonl") as f:  # as each epoch's row is added
         f.write(b"{}\n")
@@ -531,7 +532,7 @@ def _append_metrics_row(directory):
 def _save_png(directory):
     from matplotlib.figure import Figure
 
-    from vae.plots import save
+    from vae.figures.plots import save
 
     save(Figure(figsize=(1, 1)), directory / "loss.png")
 
@@ -633,7 +634,7 @@ def test_a_folder_of_the_users_is_refused_as_a_run_dir_before_anything_is_writte
 
 
 def test_an_epoch_whose_every_step_was_skipped_stops_as_a_non_finite_loss():
-    from vae.step import stop_if_not_finite
+    from vae.training.step import stop_if_not_finite
 
     skipped_all = EpochResult(stopped=False, step=40, batches_done=40, loss_sum=0.0, seen=0, skipped=40)
     with pytest.raises(TrainingError, match="training loss became nan at epoch 1, step 40"):

@@ -1,6 +1,7 @@
-"""The Fréchet classifier distance (vae.sample_quality), tested for sense on real MNIST: the distance itself against
-closed forms, the score's order (test set vs training set < trained models < noise, a better model below a worse
-one), the classifier's accuracy, its cache (load, checksum, dataset key, racing callers) and its determinism.
+"""The Fréchet classifier distance (vae.evaluation.sample_quality), tested for sense on real MNIST: the distance
+itself against closed forms, the score's order (test set vs training set < trained models < noise, a better model
+below a worse one), the classifier's accuracy, its cache (load, checksum, dataset key, racing callers) and its
+determinism.
 
 One classifier, trained on all of MNIST, is shared by the module (`mnist_classifier`); the cache tests train
 small ones on 2,000 images (a few seconds each)."""
@@ -16,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vae import sample_quality as sq
-from vae.data import load_mnist
+from vae.datasets.mnist import load_mnist
+from vae.evaluation import sample_quality as sq
 
 from .conftest import python
 
@@ -327,14 +328,15 @@ def test_the_command_answers_bad_arguments_in_one_line(tmp_path, capsys):
         sq.main(["--dataset", "cifar"])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.startswith("error: argument --dataset: invalid choice")
-    assert len(err.splitlines()) == 1 and "usage: python -m vae.sample_quality" in err
+    assert len(err.splitlines()) == 1 and "usage: python -m vae.evaluation.sample_quality" in err
 
 
 @pytest.mark.slow
 def test_the_command_prints_the_accuracy_the_weights_and_both_scores(mnist_root, mnist_classifier, reference_scores):
-    """`python -m vae.sample_quality` on the cache the module's classifier is in: it loads, does not train."""
+    """`python -m vae.evaluation.sample_quality` on the cache the module's classifier is in: it loads, does not
+    train."""
     cache = mnist_classifier[3]
-    result = python("-m", "vae.sample_quality", "--data-root", str(mnist_root), "--cache-dir", str(cache))
+    result = python("-m", "vae.evaluation.sample_quality", "--data-root", str(mnist_root), "--cache-dir", str(cache))
     assert result.returncode == 0, result.stderr
     assert "training the FCD classifier" not in result.stdout, result.stdout
     assert f"test accuracy {mnist_classifier[1]:.2%}; weights {cache}/mnist-" in result.stdout, result.stdout

@@ -145,7 +145,7 @@ def test_train_multinode_sh_one_run_over_two_nodes(slurm, tmp_path, job_env, mni
     record, output = finished(slurm, job)
     assert record["NodeList"] == "n[1-2]"
     # each node's launcher got its own machine rank, read on that node
-    assert "vae.launcher --machine_rank 0" in output and "vae.launcher --machine_rank 1" in output
+    assert "vae.cluster.launcher --machine_rank 0" in output and "vae.cluster.launcher --machine_rank 1" in output
     summary = assert_finished_run(run, epochs=1)
     assert summary["num_processes"] == 2
     checksums = summary["param_checksum_per_rank"]
@@ -265,7 +265,7 @@ def test_usr2_on_two_processes_checkpoints_requeues_and_resumes(interrupted):
 def test_scancel_of_two_processes_checkpoints_mid_epoch_and_exits(interrupted):
     """scancel sends TERM to every process of the job (the batch script passes one on too, and torchrun's agent
     would have sent a third): the ranks stop once, together, after a checkpoint the same command resumes."""
-    from vae.checkpoint import complete_states, read_trainer_state
+    from vae.storage.checkpoint import complete_states, read_trainer_state
 
     result = interrupted["scancel 2 processes"].result()
     output = result["output"]
@@ -293,7 +293,7 @@ def test_scancel_closes_the_wandb_run_as_preempted(interrupted):
 def test_warnings_during_start_up_stop_requeueing_after_three_starts(slurm, tmp_path, job_env, mnist_root):
     """A time limit too short for the start-up: each start gets the warning before its first step. Such a start
     has nothing new to save; the third in a row is not requeued, in one line saying why and what to change."""
-    from vae.preemption import STARTS_FILE
+    from vae.cluster.preemption import STARTS_FILE
 
     run = tmp_path / "run"
     job = submit(slurm, tmp_path, "slurm/train.sh", "configs/debug.yaml", f"run.dir={run}",

@@ -7,12 +7,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from vae.cluster.launch import choose_step
 from vae.config import ConfigError, load_config
 from vae.console import RunConsole
-from vae.launch import choose_step
 from vae.models import build_model
-from vae.resume import follow_config_lr
-from vae.step import IwaeStages, make_train_step, prepare_optimization
+from vae.training.resume import follow_config_lr
+from vae.training.step import IwaeStages, make_train_step, prepare_optimization
 
 STEPS = 4
 

@@ -44,7 +44,7 @@ def hparams_of(events: EventAccumulator) -> dict:
 WITHOUT_WANDB = """
 import sys
 from vae.config import load_config
-from vae.training import train
+from vae.training.loop import train
 train(load_config("configs/debug.yaml", sys.argv[1:]))
 assert "wandb" not in sys.modules, "wandb was imported"
 print("wandb was never imported")

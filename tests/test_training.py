@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from vae.checkpoint import load_model_file
+from vae.storage.checkpoint import load_model_file
 
 from .conftest import ACCELERATE_LAUNCH, accelerate_launch, assert_ok, python, read_jsonl, run_cmd, start, train_cmd
 from .test_tensorboard import read_events
@@ -78,7 +78,7 @@ def test_stopped_mid_epoch_on_2_processes_then_resumed_on_3_trains_the_1_process
     batch order carry over to another process count."""
     import signal
 
-    from vae.checkpoint import complete_states, read_trainer_state
+    from vae.storage.checkpoint import complete_states, read_trainer_state
 
     # 1,510 images: 30 batches of 50 and one of 10 per epoch. SIGTERM before the first step: the processes agree
     # on stopping at their first poll, after step 10, so the stop is mid-epoch on any machine.
@@ -195,7 +195,7 @@ def _signal_during_epoch_2(run_dir, mnist_root, overrides, signame, images):
     import signal
     import time
 
-    from vae.checkpoint import complete_states, read_trainer_state
+    from vae.storage.checkpoint import complete_states, read_trainer_state
 
     from .conftest import wait_until
 
@@ -325,7 +325,7 @@ def test_a_cpu_run_under_accelerate_launch_uses_the_cores_unless_threads_were_ch
 DETERMINISM = """
 import json, sys
 from vae.config import load_config
-from vae.launch import environment_info, make_accelerator
+from vae.cluster.launch import environment_info, make_accelerator
 print(json.dumps(environment_info(make_accelerator(load_config("configs/debug.yaml", sys.argv[1:])))["deterministic"]))
 """
 

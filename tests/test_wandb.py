@@ -362,7 +362,7 @@ def test_two_process_ddp_writes_one_offline_run_and_never_the_api_key(tmp_path, 
 NO_WANDB = """
 import sys
 from vae.config import load_config
-from vae.training import train
+from vae.training.loop import train
 train(load_config("configs/debug.yaml", sys.argv[1:]))
 assert "wandb" not in sys.modules, "wandb was imported"
 print("wandb was never imported")
@@ -421,7 +421,7 @@ def test_broken_wandb_does_not_stop_training(where, warning, tmp_path, mnist_roo
 HELD_START = """
 import atexit, os, runpy, signal, sys, threading
 import wandb
-from vae.preemption import StopRequest
+from vae.cluster.preemption import StopRequest
 from vae.tracking import Tracker
 
 ending, events = sys.argv[1], []

@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from .exit_records import record_exit
+from .cluster.exit_records import record_exit
 
 # What a collective (all-reduce, barrier) raises when another process of the launch has died: gloo's connection
 # is closed or reset, NCCL's communicator is aborted or its backend fails, the rendezvous store is gone. Any other
@@ -82,7 +82,7 @@ def run_entry_point(body: Callable[[], object], interrupted: str) -> int:
         elif _speaks_for_its_node():
             print(f"error: (process rank {os.environ.get('RANK')}) {error}", file=sys.stderr)
         else:
-            from .rank_logs import log_only
+            from .cluster.rank_logs import log_only
 
             log_only(f"error: (process rank {os.environ.get('RANK')}) {error}")
         return error.exit_code
@@ -104,7 +104,7 @@ def exit_now(code: int) -> None:
     temporary-file cleanup among them), output is flushed, then os._exit. Python's own shutdown would spend
     another one to three seconds tearing down torch's modules, with nothing left to save. Under a profiler or a
     tracer (cProfile, coverage, a debugger), which write their results at exit, the exit is Python's own. Under
-    vae.launcher the code is recorded first: the launcher's own exit code is decided from the records."""
+    vae.cluster.launcher the code is recorded first: the launcher's own exit code is decided from the records."""
     record_exit(code)
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)

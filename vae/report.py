@@ -19,16 +19,16 @@ from pathlib import Path
 
 import yaml
 
+from .cluster.preemption import read_starts
+from .cluster.run_dir import is_a_run, read_metrics
 from .config import flat_keys
 from .errors import HarnessError, first_line, run_entry_point
-from .preemption import read_starts
-from .run_dir import is_a_run, read_metrics
 
 ALIKE_IN_A_SWEEP = ("run.dir", "run.name")  # differ between any two runs: not worth a column
 
 
 def find_runs(folder: Path) -> list[Path]:
-    """Every run directory (one holding config.yaml and marked as a run, vae.run_dir.is_a_run) under folder,
+    """Every run directory (one holding config.yaml and marked as a run, vae.cluster.run_dir.is_a_run) under folder,
     folder itself included, in path order."""
     return sorted(config.parent for config in folder.rglob("config.yaml")
                   if not {"checkpoints", "wandb", "eval"} & set(config.relative_to(folder).parts[:-1])
@@ -118,7 +118,7 @@ def print_table(runs: list[dict], keys: list[str], folder: Path) -> None:
 
 
 def save_curves(runs: list[dict], keys: list[str], path: Path) -> None:
-    from . import plots
+    from .figures import plots
 
     curves = {f"{run['name']}: " + " ".join(f"{key.split('.')[-1]}={run['config'].get(key)}" for key in keys):
               [(row["epoch"], row["val/loss"]) for row in run["rows"]] for run in runs}

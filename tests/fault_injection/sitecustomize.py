@@ -32,11 +32,11 @@ _spec = os.environ.get("VAE_TEST_NONFINITE_STEPS")
 if _spec:
     import torch
 
-    import vae.objectives
+    import vae.models.objectives
 
     _rank = os.environ.get("RANK", "0")
     _steps = {int(step) for rank, step in (item.split(":") for item in _spec.split(",")) if rank in ("*", _rank)}
-    _original = vae.objectives.negative_elbo_terms
+    _original = vae.models.objectives.negative_elbo_terms
     _calls = 0
 
     def negative_elbo_terms(logits, x, mu, logvar):
@@ -50,16 +50,16 @@ if _spec:
                 recon = torch.where(first, torch.full_like(recon, float("nan")), recon)
         return recon, kl
 
-    vae.objectives.negative_elbo_terms = negative_elbo_terms
+    vae.models.objectives.negative_elbo_terms = negative_elbo_terms
 
 _signal_spec = os.environ.get("VAE_TEST_SIGNAL_AT_STEP")
 if _signal_spec:
     import signal
 
-    import vae.preemption
+    import vae.cluster.preemption
 
     _signal_rank, _signal_step, _signal_name = _signal_spec.split(":")
-    _agreed = vae.preemption.StopRequest.agreed
+    _agreed = vae.cluster.preemption.StopRequest.agreed
 
     def agreed(self, accelerator, step, *args, **kwargs):
         """The real check, after the signal was sent once at the chosen step."""
@@ -67,4 +67,4 @@ if _signal_spec:
             os.kill(os.getpid(), getattr(signal, _signal_name))
         return _agreed(self, accelerator, step, *args, **kwargs)
 
-    vae.preemption.StopRequest.agreed = agreed
+    vae.cluster.preemption.StopRequest.agreed = agreed

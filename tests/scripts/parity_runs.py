@@ -16,7 +16,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from vae.config import load_config
-from vae.training import train
+from vae.training.loop import train
 
 allreduces = 0
 

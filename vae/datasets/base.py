@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import HarnessError
-from ..files import file_in_the_way
+from ..storage.files import file_in_the_way
 
 DIGITS = tuple("0123456789")  # MNIST's class names, and the figures' default
 

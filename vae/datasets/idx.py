@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import first_line
-from ..files import open_append
+from ..storage.files import open_append
 from .base import DataError, ImageData, file_md5
 
 

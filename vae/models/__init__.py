@@ -51,7 +51,7 @@ def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], *, check: b
         raise ModelError(f"model.arch={cfg.arch}: {cls.__name__}.from_config returned "
                          f"{conformance.describe(model)}, not the model; return cls(...)")
     if getattr(model, "image_shape", None) is None:
-        model.image_shape = image_shape  # the model files record it (vae.checkpoint), whatever the class keeps
+        model.image_shape = image_shape  # the model files record it (vae.storage.checkpoint), whatever the class keeps
     if check:
         conformance.check_model(model, cfg, image_shape, rebuild=build)
     return model

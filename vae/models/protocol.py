@@ -9,7 +9,7 @@ The harness calls only these (docs/models.md):
     model(x [B, D], noise [B, z] or [B, k, z])    -> (logits [B, D] or [B, k, D], mu [B, z], logvar [B, z])
 
 x is float32 in [0, 1]: the images flattened channel by channel, row by row. The loss is not the model's:
-vae.objectives computes the Bernoulli reconstruction and the KL to N(0, I) from (logits, mu, logvar).
+vae.models.objectives computes the Bernoulli reconstruction and the KL to N(0, I) from (logits, mu, logvar).
 
 Two rules keep 1 and N processes training the same model (vae.models.conformance checks both when a model is
 built): every random draw is the `noise` the harness passes in (no dropout, no torch.randn inside), and the output

@@ -1,7 +1,7 @@
 """Weights & Biases (log.trackers=[wandb]) through Accelerate's WandBTracker: WandbBackend, what vae.tracking.Tracker
 calls, is what is logged into the run and how the run is closed; the run's start, queue and failures are
 wandb_session.py's, its background start wandb_start.py's, its files and settings wandb_files.py's. The wandb_*
-modules are the only ones that know wandb, and they import it only inside functions: `import vae.training` and
+modules are the only ones that know wandb, and they import it only inside functions: `import vae.training.loop` and
 runs without W&B never load it.
 
 - One W&B run per run directory, across restarts: its id is kept in <run dir>/wandb_run.json, made on the first
@@ -47,7 +47,7 @@ def figure_row(figures: dict, latents, labels, epoch: int, prefix: str, points: 
     """The figures as images, and the latent table with its scatter plot (see WandbBackend.log_figures)."""
     import wandb
 
-    from ..plots import project_2d
+    from ..figures.plots import project_2d
 
     values: dict[str, Any] = {f"{prefix}figures/{name.removesuffix('.png')}": figure_to_image(fig)
                               for name, fig in figures.items()}

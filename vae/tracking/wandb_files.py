@@ -12,7 +12,7 @@ import secrets
 import string
 from pathlib import Path
 
-from ..checkpoint import atomic_write_text
+from ..storage.checkpoint import atomic_write_text
 from .backend import shown_path
 
 RUN_FILE = "wandb_run.json"

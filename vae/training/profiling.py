@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write_text
+from ..storage.checkpoint import atomic_write_text
 
 WARMUP_STEPS = 5  # the first steps pay for allocations and, on a GPU, kernel selection: not what a profile is for
 TOP_OPERATORS = 25
@@ -49,7 +49,8 @@ class StepProfiler:
     def _write(self, profile) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         trace = self.folder / f".trace.json.tmp-{os.getpid()}"
-        trace.unlink(missing_ok=True)  # torch writes the trace by name: never through a link left there (vae.files)
+        # torch writes the trace by name: never through a link left there (vae.storage.files)
+        trace.unlink(missing_ok=True)
         profile.export_chrome_trace(str(trace))
         trace.replace(self.folder / "trace.json")
         table = profile.key_averages().table(sort_by=self.sort_by, row_limit=TOP_OPERATORS)

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .errors import HarnessError
+from ..errors import HarnessError
 
 WARMUP = 10  # d = (1 + t) / (WARMUP + t) until that reaches train.ema_decay
 EMA_FILE = "ema.safetensors"  # in each full state: the averaged weights; its metadata, the update count

@@ -18,8 +18,9 @@ stale classifier. One writer per folder at a time (a lock file); the files are w
                                           image_shape, num_classes)
     score = fcd(classifier, samples, reference)   # float pixels in [0, 1], [N, D] and [M, D]
 
-Command: `python -m vae.sample_quality --data-root data` trains or loads MNIST's classifier and prints its test
-accuracy, where its weights are, and the FCD of the test set against training images and against uniform noise.
+Command: `python -m vae.evaluation.sample_quality --data-root data` trains or loads MNIST's classifier and prints
+its test accuracy, where its weights are, and the FCD of the test set against training images and against uniform
+noise.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
-from .console import OneLineArgumentParser
-from .errors import HarnessError, exit_now, run_entry_point
-from .files import file_in_the_way, open_append
+from ..console import OneLineArgumentParser
+from ..errors import HarnessError, exit_now, run_entry_point
+from ..storage.checkpoint import atomic_write_bytes, atomic_write_text
+from ..storage.files import file_in_the_way, open_append
 
 # The training recipe. RECIPE is recorded with the weights: bump it whenever anything here or in
 # FeatureClassifier changes, so that weights trained another way are retrained instead of reused.
@@ -287,7 +288,7 @@ def classifier_for(cache_dir: str | Path, dataset_key: str, train_images: torch.
     image_shape = check_image_shape(image_shape)
     if not isinstance(dataset_key, str) or not _KEY.fullmatch(dataset_key):
         raise SampleQualityError(f"dataset key {dataset_key!r}: letters, digits, '.', '_' and '-' only (it names "
-                                 f"a folder); see vae.sample_quality.dataset_key")
+                                 f"a folder); see vae.evaluation.sample_quality.dataset_key")
     _check_labelled(train_images, train_labels, image_shape, num_classes, "training")
     _check_labelled(test_images, test_labels, image_shape, num_classes, "test")
     folder = Path(cache_dir) / dataset_key
@@ -406,8 +407,8 @@ def _save(folder: Path, data: bytes, record: dict, say) -> None:
 def report(data_root: str, dataset: str, cache_dir: str | None, count: int, batch_size: int, say=print) -> dict:
     """The classifier of `dataset` (trained or loaded), its test accuracy, and the FCD of the test set against
     the first `count` training images and against `count` images of uniform noise. Returns the numbers."""
-    from .config import DataConfig
-    from .datasets import load_dataset
+    from ..config import DataConfig
+    from ..datasets import load_dataset
 
     if count < 2:
         raise SampleQualityError(f"--images must be >= 2 (got {count})")
@@ -439,7 +440,7 @@ class _Parser(OneLineArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(
-        prog="python -m vae.sample_quality",
+        prog="python -m vae.evaluation.sample_quality",
         description="Train (first use) or load a dataset's FCD classifier; print its test accuracy, where its "
                     "weights are, and the FCD of the test set against training images and against noise.")
     parser.add_argument("--data-root", default="data", help="folder holding the datasets (default: data)")

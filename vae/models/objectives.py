@@ -4,7 +4,7 @@ a KL weight (beta-VAE), its linear warm-up, free bits, and the importance-weight
 
 Every per-image quantity is a function of that image alone, never of the batch: summed over a batch, the loss of
 N processes' shares adds up to the loss of the whole batch, which is what lets 1 or N processes train the same
-model (vae.step scales each share's sum by N for DDP's average).
+model (vae.training.step scales each share's sum by N for DDP's average).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import LossConfig
+from ..config import LossConfig
 
 LOG_2PI = math.log(2 * math.pi)
 

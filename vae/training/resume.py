@@ -11,11 +11,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, synchronize_rng_states
 from accelerate.utils.constants import SCALER_NAME
 
-from . import checkpoint
-from .config import Config, config_from_dict, config_to_dict, flat_keys
-from .console import RunConsole
-from .errors import HarnessError, TrainingError, first_line
-from .run_dir import read_metrics
+from ..cluster.run_dir import read_metrics
+from ..config import Config, config_from_dict, config_to_dict, flat_keys
+from ..console import RunConsole
+from ..errors import HarnessError, TrainingError, first_line
+from ..storage import checkpoint
 from .run_state import RunState
 
 
@@ -57,7 +57,8 @@ def check_resumable(run_dir: Path, cfg: Config, say=None) -> None:
                             f"run.dir=...")
 
 
-# How an epoch's order is drawn (vae.data.EpochBatches); a mid-epoch state saved with another one cannot go on.
+# How an epoch's order is drawn (vae.datasets.batches.EpochBatches); a mid-epoch state saved with another one cannot
+# go on.
 BATCH_ORDER = "epoch-batches-1"
 
 
@@ -242,7 +243,7 @@ def _changed_settings(run_dir: Path, cfg: Config) -> str:
 
 
 def _same_noise_on_every_rank(accelerator: Accelerator) -> None:
-    """The training noise is drawn alike on every rank (vae.step), so every rank carries rank 0's generator
+    """The training noise is drawn alike on every rank (vae.training.step), so every rank carries rank 0's generator
     state: also when the run resumes on more processes than saved it (the new ranks have no saved state)."""
     if accelerator.num_processes > 1:
         synchronize_rng_states(["torch", "cuda"] if accelerator.device.type == "cuda" else ["torch"])

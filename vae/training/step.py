@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from . import objectives
-from .config import Config, LossConfig, TrainConfig
-from .console import RunConsole
-from .data import to_unit_float
-from .datasets.binarize import bernoulli_pixels
-from .errors import TrainingError
+from ..config import Config, LossConfig, TrainConfig
+from ..console import RunConsole
+from ..datasets.batches import to_unit_float
+from ..datasets.binarize import bernoulli_pixels
+from ..errors import TrainingError
+from ..models import objectives
 from .optim import make_optimizer
 
 # Eager steps run on a side stream before the graph is captured, as torch.cuda.graphs asks: they initialise

@@ -19,11 +19,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, GradientAccumulationPlugin, GradScalerKwargs, InitProcessGroupKwargs
 
-from . import tracking
-from .config import Config, ConfigError
-from .console import RunConsole
-from .errors import HarnessError
-from .tracking import tensorboard_backend as tensorboard_tracking
+from .. import tracking
+from ..config import Config, ConfigError
+from ..console import RunConsole
+from ..errors import HarnessError
+from ..tracking import tensorboard_backend as tensorboard_tracking
 
 
 class LaunchError(HarnessError):

@@ -22,9 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import TrainingError
+from ..errors import TrainingError
+from ..storage.files import open_append
 from .exit_records import record_exit
-from .files import open_append
 
 HANDLED = ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT")
 WARNINGS = ("SIGUSR1", "SIGUSR2")  # Slurm's notice before the end (--signal=B:USR1@180): checkpoint and requeue

@@ -16,7 +16,7 @@ import dataclasses
 
 import torch
 
-from .errors import HarnessError
+from ..errors import HarnessError
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device, cuda_graph: bool,

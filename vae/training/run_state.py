@@ -1,10 +1,10 @@
 """Where a run stands: its counters as one object, saved as trainer_state.json with every full checkpoint
-(vae.checkpoint) and read back when the run resumes.
+(vae.storage.checkpoint) and read back when the run resumes.
 
 A state saved at the end of an epoch says "start epoch e at batch 0"; one saved when a stop arrived mid-epoch says
 "epoch e, after `batches_done` batches", and carries what that epoch had summed so far (over all processes) and
 the settings that decide its batches, so the resumed epoch reports the loss of all its images. EpochResult is what
-one pass over an epoch's batches did (vae.training.train_one_epoch).
+one pass over an epoch's batches did (vae.training.loop.train_one_epoch).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ class EpochSoFar:
 
     loss_sum: float = 0.0  # summed -ELBO of the images trained so far in the epoch
     seen: int = 0  # how many images that is
-    batch_order: dict = dataclasses.field(default_factory=dict)  # vae.resume.batch_order_settings when saved
+    batch_order: dict = dataclasses.field(default_factory=dict)  # vae.training.resume.batch_order_settings when saved
     train_seconds: float = 0.0  # the epoch's training time before the stop
 
 
@@ -103,7 +103,7 @@ class EpochResult:
     seen: int  # how many images that is
     trained_now: int = 0  # images trained by this start (fewer than seen when it resumed mid-epoch)
     per_rank: list[int] = dataclasses.field(default_factory=list)  # the same, per process
-    data_wait_s: list[float] = dataclasses.field(default_factory=list)  # per process (vae.perf)
+    data_wait_s: list[float] = dataclasses.field(default_factory=list)  # per process (vae.training.perf)
     peak_memory_mb: list[float] = dataclasses.field(default_factory=list)  # per process
     skipped: int = 0  # steps whose update was not applied (non-finite loss, fp16 overflow)
 

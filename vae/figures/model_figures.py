@@ -1,7 +1,7 @@
 """The figures of a trained model, drawn the same way by the training loop (each epoch for W&B, at the end as PNGs)
 and by evaluate.py: reconstructions, samples, the latent space, the 2-D manifold and interpolations.
 
-matplotlib (vae.plots) is imported at the first figure, not with this module: a run's first step need not wait
+matplotlib (vae.figures.plots) is imported at the first figure, not with this module: a run's first step need not wait
 for it.
 """
 
@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .data import to_unit_float
-from .datasets.base import DIGITS
+from ..datasets.base import DIGITS
+from ..datasets.batches import to_unit_float
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -15,8 +15,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .datasets.base import DIGITS
-from .files import create_new
+from ..datasets.base import DIGITS
+from ..storage.files import create_new
 
 MNIST_SHAPE = (1, 28, 28)
 PADDING = 2  # pixels of white between the images of a grid
@@ -161,7 +161,7 @@ def save(fig: Figure, path: Path, dpi: int = 100) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    tmp.unlink(missing_ok=True)  # a leftover, or a link: removed, never written through (vae.files)
+    tmp.unlink(missing_ok=True)  # a leftover, or a link: removed, never written through (vae.storage.files)
     with create_new(tmp) as f:
         fig.savefig(f, dpi=dpi, format=path.suffix.lstrip("."))
     tmp.replace(path)

@@ -31,7 +31,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from .errors import HarnessError, TrainingError, first_line
+from ..errors import HarnessError, TrainingError, first_line
 from .files import create_new
 
 FORMAT_VERSION = 1
@@ -284,8 +284,8 @@ def save_full_state(accelerator: Accelerator, run_dir: Path, trainer_state: dict
                     state_bytes: int) -> Path:
     """Every rank calls this: each writes its share of the state (model, optimizer, scheduler, scaler, its RNG)
     into the step's `.partial` folder; the main process then marks it complete (trainer_state.json, see
-    vae.run_state) and prunes older states. state_bytes: about how much a state takes (to tell a full disk from
-    other failures). A failure on any rank stops every rank with one line; the older states stay as they were."""
+    vae.training.run_state) and prunes older states. state_bytes: about how much a state takes (to tell a full disk
+    from other failures). A failure on any rank stops every rank with one line; the older states stay as they were."""
     step = trainer_state["step"]
     unfinished = partial_state_dir(run_dir, step)
     if accelerator.is_main_process:

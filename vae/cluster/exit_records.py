@@ -1,4 +1,4 @@
-"""How each training process of a several-process launch ended, written where vae.launcher reads it.
+"""How each training process of a several-process launch ended, written where vae.cluster.launcher reads it.
 
 The launcher decides its own exit code from these records, not from what accelerate's launcher raises or prints
 when a worker exits non-zero (that changed between accelerate 1.15 and 1.16). A worker that died without
@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-# Set by vae.launcher for the processes it starts; without it (python train.py, a plain accelerate launch)
+# Set by vae.cluster.launcher for the processes it starts; without it (python train.py, a plain accelerate launch)
 # nothing is written.
 RECORDS_DIR_ENV = "VAE_EXIT_RECORDS_DIR"
 

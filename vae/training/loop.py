@@ -4,8 +4,8 @@ process prints and writes files.
 
 Accelerate wraps the model, optimizer and scheduler, so the same code runs on a CPU, one GPU, several GPUs or
 nodes (DDP/NCCL) and several CPU processes (DDP/gloo). `train.batch_size` is the GLOBAL batch: each process trains
-its share of every batch (vae.data.EpochBatches) with the noise it would get alone (vae.step), so 1 or N
-processes train the same model from the same config.
+its share of every batch (vae.datasets.batches.EpochBatches) with the noise it would get alone (vae.training.step),
+so 1 or N processes train the same model from the same config.
 """
 
 from __future__ import annotations
@@ -20,22 +20,33 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from . import checkpoint, figures, perf, run_dir, tracking
-from .config import Config, config_to_dict
-from .console import RunConsole
-from .data import TrainingData, load_training_data
+from .. import tracking
+from ..cluster import run_dir
+from ..cluster.launch import StepChoice, check_training_launch, cpu_threads, make_accelerator
+from ..cluster.preemption import WARNINGS, StoppedToResume, StopRequest, leave_after_checkpoint, record_start
+from ..cluster.rank_logs import start_rank_log
+from ..cluster.run_dir import (
+    check_paths,
+    disk_full_error,
+    full_state_bytes,
+    prepare_run_dir,
+    room_or_fail,
+    space_needed,
+)
+from ..config import Config, config_to_dict
+from ..console import RunConsole
+from ..datasets.batches import TrainingData, load_training_data
+from ..evaluation.scoring import evaluate_test_set
+from ..figures import model_figures as figures
+from ..models import VAE, build_model
+from ..storage import checkpoint
+from ..storage.files import open_append
+from . import perf
 from .ema import WeightAverage, weight_average
-from .evaluation import evaluate_test_set
-from .files import open_append
-from .launch import StepChoice, check_training_launch, cpu_threads, make_accelerator
-from .models import VAE, build_model
 from .optim import restore_step_settings
-from .preemption import WARNINGS, StoppedToResume, StopRequest, leave_after_checkpoint, record_start
 from .profiling import StepProfiler
 from .progress import ProgressReport
-from .rank_logs import start_rank_log
 from .resume import batch_order_settings, check_mid_epoch_resume, check_resumable, follow_config_lr, resume_full_state
-from .run_dir import check_paths, disk_full_error, full_state_bytes, prepare_run_dir, room_or_fail, space_needed
 from .run_state import EpochResult, EpochSoFar, RunState
 from .step import (
     NonFiniteSteps,
@@ -83,7 +94,8 @@ def _train(cfg: Config, cleanup: contextlib.ExitStack) -> dict:
     if resume:
         check_resumable(cfg.run_dir, cfg, console.info)
     # From here on, start-up included, SIGTERM/SIGUSR1/SIGUSR2/Ctrl-C stop the run at a checkpoint; Slurm's warning
-    # during start-up stops it before its first step, with nothing new to save (vae.preemption caps such starts).
+    # during start-up stops it before its first step, with nothing new to save (vae.cluster.preemption caps such
+    # starts).
     stop = StopRequest().install()
     cleanup.callback(stop.uninstall)
     if accelerator.is_main_process:
@@ -181,7 +193,7 @@ class Loop:
 def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data: TrainingData,
                 stop: StopRequest, step_choice: StepChoice, clock: perf.StartupClock) -> Loop:
     # Every rank is seeded alike and stays alike: the training noise of a global batch is drawn whole on every
-    # rank (vae.step), so 1 or N processes train the same model.
+    # rank (vae.training.step), so 1 or N processes train the same model.
     set_seed(cfg.train.seed)
     raw_model = build_model(cfg.model, data.image_shape).to(accelerator.device)
     clock.mark("model")
@@ -204,7 +216,7 @@ def _build_loop(cfg: Config, accelerator: Accelerator, console: RunConsole, data
 
 
 def _resume(loop: Loop) -> RunState:
-    """The newest full state that loads, with this start's settings applied on top (vae.resume)."""
+    """The newest full state that loads, with this start's settings applied on top (vae.training.resume)."""
     cfg, optimizer = loop.cfg, loop.train_step.optimizer
     state = resume_full_state(loop.accelerator, cfg.run_dir, cfg, loop.console)
     restore_step_settings(optimizer, loop.accelerator.device)

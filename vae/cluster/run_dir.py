@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from . import checkpoint
-from .config import Config, dump_yaml
-from .console import RunConsole
-from .data import TrainingData
-from .datasets import check_dataset_paths
-from .errors import TrainingError
-from .files import file_in_the_way, open_fd
+from ..config import Config, dump_yaml
+from ..console import RunConsole
+from ..datasets import check_dataset_paths
+from ..datasets.batches import TrainingData
+from ..errors import TrainingError
+from ..storage import checkpoint
+from ..storage.files import file_in_the_way, open_fd
 from .launch import StepChoice, environment_info
 
 

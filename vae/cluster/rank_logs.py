@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .files import open_append
+from ..storage.files import open_append
 
 
 class RankLog:

@@ -1,13 +1,13 @@
 """`accelerate launch` for the Slurm scripts' several-process jobs, with the harness's exit codes kept.
 
-    python -m vae.launcher [accelerate launch options] train.py --config ... [section.key=value ...]
+    python -m vae.cluster.launcher [accelerate launch options] train.py --config ... [section.key=value ...]
 
 Accelerate's launcher (torchrun's agent inside) reports any worker's non-zero exit its own way and exits 1: after
 a planned stop (130, 138, 140, 143: stopped by a signal after a checkpoint, resumable) a job's output would end
 in a traceback and Slurm would record 1. How it reports changes between releases (1.15 lets torchrun's
 ChildFailedError through; 1.16 with --quiet prints it and exits 1), so the exit code is decided from what each
-training process recorded as it left (vae.exit_records), whatever accelerate raised or printed: when all of this
-node's processes stopped as planned with one code, the launch ends with one line and that code; any other
+training process recorded as it left (vae.cluster.exit_records), whatever accelerate raised or printed: when all of
+this node's processes stopped as planned with one code, the launch ends with one line and that code; any other
 failure keeps accelerate's report of it (the workers print their own errors above it). One process needs none of
 this: the scripts run `python train.py` then. (Pass no --quiet: it only makes accelerate 1.16 print torchrun's
 failure block after a planned stop.)

@@ -13,7 +13,7 @@ from .step import stop_if_not_finite
 class ProgressReport:
     """train/* every log.every_steps steps: per image over all processes' images since the last report."""
 
-    def __init__(self, loop, sums: torch.Tensor, seen: int):  # loop: vae.training.Loop
+    def __init__(self, loop, sums: torch.Tensor, seen: int):  # loop: vae.training.loop.Loop
         self.loop, self.sums = loop, sums
         self.reported, self.reported_seen, self.reported_at = sums.clone(), seen, time.perf_counter()
 

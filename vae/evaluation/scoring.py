@@ -1,7 +1,8 @@
 """The test set, scored: the training loop's test pass after each epoch (`evaluate_test_set`), and evaluate.py's
-full evaluation of a checkpoint (`evaluate`: metrics from vae.metrics, figures from vae.figures).
+full evaluation of a checkpoint (`evaluate`: metrics from vae.evaluation.metrics, figures from
+vae.figures.model_figures).
 
-Both split the 10,000 images into one contiguous share per process (vae.data.share_bounds) and gather the
+Both split the 10,000 images into one contiguous share per process (vae.datasets.batches.share_bounds) and gather the
 per-image numbers in image order, so 1 or N processes give the same numbers; the model is not wrapped, as nothing
 is trained here.
 """
@@ -16,20 +17,20 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from .. import tracking
+from ..cluster.launch import check_backend, check_processes, process_group_handlers
+from ..config import Config, config_from_dict
+from ..console import RunConsole
+from ..datasets import check_dataset_paths, load_dataset
+from ..datasets.batches import gather_shares, share_bounds, to_unit_float
+from ..errors import HarnessError, first_line
+from ..figures.model_figures import model_figures, save_figures
+from ..models import VAE, ModelError, build_model
+from ..models.objectives import negative_elbo_terms
+from ..storage.checkpoint import CheckpointError, atomic_write_text, load_model_file, model_image_shape
+from ..storage.files import file_in_the_way
 from . import sample_quality as quality
-from . import tracking
-from .checkpoint import CheckpointError, atomic_write_text, load_model_file, model_image_shape
-from .config import Config, config_from_dict
-from .console import RunConsole
-from .data import gather_shares, share_bounds, to_unit_float
-from .datasets import check_dataset_paths, load_dataset
-from .errors import HarnessError, first_line
-from .figures import model_figures, save_figures
-from .files import file_in_the_way
-from .launch import check_backend, check_processes, process_group_handlers
 from .metrics import images_per_batch, score_batch, summarize
-from .models import VAE, ModelError, build_model
-from .objectives import negative_elbo_terms
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -98,7 +99,7 @@ def evaluate_test_set(model, images: torch.Tensor, labels: torch.Tensor, noise: 
 def _score_test_set(model: VAE, images: torch.Tensor, accelerator: Accelerator, batch_size: int, iwae_k: int,
                     seed: int, dequantize: bool) -> dict[str, torch.Tensor]:
     """Per-image metrics of all test images, in image order, on every process: each process scores its contiguous
-    share (vae.data.share_bounds) in batches of about batch_size / N, then the shares are gathered."""
+    share (vae.datasets.batches.share_bounds) in batches of about batch_size / N, then the shares are gathered."""
     world = accelerator.num_processes
     if world > len(images):
         raise HarnessError(f"{world} processes for {len(images)} test images: start at most {len(images)}")
@@ -237,9 +238,9 @@ def likelihood_protocol(data, all_test_images: int, metrics: dict, iwae_k: int, 
 
 
 def sample_quality(model, data, dataset, count: int, seed: int, device: torch.device, say) -> dict:
-    """The Fréchet classifier distance (vae.sample_quality) of `count` samples of the prior, decoded to pixel means,
-    against the whole test set in grey levels (binarized or not in training): the dataset's classifier is trained
-    on first use and cached under data.root/classifiers/."""
+    """The Fréchet classifier distance (vae.evaluation.sample_quality) of `count` samples of the prior, decoded to
+    pixel means, against the whole test set in grey levels (binarized or not in training): the dataset's classifier
+    is trained on first use and cached under data.root/classifiers/."""
     grey = dataclasses.replace(data, binarize="none")
     reference = dataset if data.binarize == "none" else load_dataset(grey, say)
     key = quality.dataset_key(grey.name, reference.train_images, reference.train_labels)

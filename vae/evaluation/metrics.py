@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from .models import VAE
-from .objectives import kl_to_standard_normal, log_normal, reconstruction_nats
+from ..models import VAE
+from ..models.objectives import kl_to_standard_normal, log_normal, reconstruction_nats
 
 # The k importance samples of a batch's images are decoded at most this many at a time, a chunk of samples per
 # image: the memory is this many times what the decoder holds per sample (about 5 KB for the tutorial's mlp,
