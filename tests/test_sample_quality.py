@@ -153,10 +153,8 @@ def test_noise_scores_far_above_real_images(reference_scores):
 
 def _train_vae(images: torch.Tensor, steps: int, z_dim: int = 8, batch: int = 100):
     """The harness's MLP VAE (784-400-z), trained in-process for `steps` Adam steps on -ELBO."""
-    try:
-        from vae.models import MLPVAE as VAE
-    except ImportError:
-        from vae.model import VAE
+    from vae.models import MLPVAE as VAE
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = VAE(z_dim=z_dim, hidden=(400,))

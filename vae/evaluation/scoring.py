@@ -125,12 +125,7 @@ def _check_outputs(out: Path, out_dir: Path | None) -> None:
                                f"folder; pass a path in a folder")
 
 
-def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | Path | None = None,
-             out_dir: str | Path | None = None, batch_size: int = 500, cpu: bool = False,
-             data_root: str | None = None, figures: bool = True, wandb: bool = False,
-             dist_backend: str = "auto", fcd_samples: int = 10_000, test_images: int | None = None) -> dict:
-    """Score a checkpoint on all 10,000 test images; main process writes JSON + figures. Returns the metrics.
-    wandb: also log them into the W&B run of the checkpoint's run directory (see vae.tracking)."""
+def _check_options(iwae_k: int, batch_size: int, fcd_samples: int, test_images: int | None) -> None:
     if iwae_k < 1:
         raise HarnessError(f"--iwae-k: must be >= 1 (got {iwae_k})")
     if batch_size < 1:
@@ -139,6 +134,15 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         raise HarnessError(f"--fcd-samples: must be 0 (off) or at least 2 (got {fcd_samples})")
     if test_images is not None and test_images < 1:
         raise HarnessError(f"--test-images: must be >= 1 (got {test_images}); leave it out to score them all")
+
+
+def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | Path | None = None,
+             out_dir: str | Path | None = None, batch_size: int = 500, cpu: bool = False,
+             data_root: str | None = None, figures: bool = True, wandb: bool = False,
+             dist_backend: str = "auto", fcd_samples: int = 10_000, test_images: int | None = None) -> dict:
+    """Score a checkpoint on all 10,000 test images; main process writes JSON + figures. Returns the metrics.
+    wandb: also log them into the W&B run of the checkpoint's run directory (see vae.tracking)."""
+    _check_options(iwae_k, batch_size, fcd_samples, test_images)
     started = time.perf_counter()
     path = resolve_checkpoint(ckpt)
     out_dir = Path(out_dir) if out_dir else path.parent / "eval"
@@ -156,11 +160,9 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
     dataset = load_dataset(data, console.info, fetching=accelerator.local_main_process_first())
     images, labels = dataset.test_images[:test_images], dataset.test_labels[:test_images]
     model.to(accelerator.device).eval()
-    eight_bit = data.binarize == "none"
-    per_image = {key: value.cpu() for key, value in _score_test_set(model, images, accelerator, batch_size,
-                                                                      iwae_k, seed, eight_bit).items()}
+    per_image = {key: value.cpu() for key, value in _score_test_set(
+        model, images, accelerator, batch_size, iwae_k, seed, dequantize=data.binarize == "none").items()}
     per_image["labels"] = labels
-
     metrics = summarize(per_image)
     results = {
         **metrics,
@@ -170,14 +172,12 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         "checkpoint_epoch": payload.get("epoch"),
         "weights": payload.get("weights", "trained"),  # "ema": the average train.ema_decay kept
         "protocol": likelihood_protocol(data, len(dataset.test_images), metrics, iwae_k, seed),
-        "config": {"arch": cfg.model.arch, "z_dim": cfg.model.z_dim, "hidden": list(cfg.model.hidden),
-                   **({"channels": list(cfg.model.channels)} if cfg.model.arch == "conv" else {}),
-                   "activation": cfg.model.activation, "image_shape": list(dataset.image_shape),
-                   "data": data.name, "binarize": data.binarize, "run": cfg.run.name},
+        "config": _model_record(cfg, data, dataset.image_shape),
         "device": str(accelerator.device),
         "num_processes": accelerator.num_processes,
         "wall_time_s": time.perf_counter() - started,
     }
+    drawn = {}
     if accelerator.is_main_process:
         if fcd_samples:
             results.update(sample_quality(model, data, dataset, fcd_samples, seed, accelerator.device, console.info))
@@ -186,34 +186,51 @@ def evaluate(ckpt: str | Path, *, iwae_k: int = 100, seed: int = 0, out: str | P
         drawn = model_figures(model, images, per_image["mu"], per_image["labels"], accelerator.device,
                               dataset.image_shape, dataset.class_names) if figures else {}
         save_figures(drawn, out_dir)
-        weights = " of the EMA weights" if results["weights"] == "ema" else ""
-        console.summary_table(f"{path} (epoch {payload.get('epoch')}{weights}), {metrics['n_images']} test "
-                              f"images, nats per image", {
-                                  "-ELBO (nelbo)": metrics["nelbo"], "recon": metrics["recon"], "kl": metrics["kl"],
-                                  f"IWAE NLL (k={iwae_k})": metrics["iwae_nll"],
-                                  **({"bits/dim (dequantized)": metrics["bits_per_dim"]} if eight_bit else {}),
-                                  "active units": f"{metrics['active_units']} / {cfg.model.z_dim}",
-                                  **({f"FCD ({fcd_samples:,} samples)": results["fcd"]} if fcd_samples else {}),
-                                  "wall time (s)": results["wall_time_s"]})
+        _show(console, path, results, cfg.model.z_dim)
         console.info(f"wrote {out}" + (f" and figures in {out_dir}" if figures else ""))
-    if wandb:
-        # Into the run directory's W&B run (its id is in <run dir>/wandb_run.json), after its last step. A file
-        # outside a run directory gets a W&B run of its own, with its files in the evaluation's folder.
-        in_run = tracking.read_run_file(path.parent) is not None
-        if not in_run:
-            console.info(f"{path.parent} records no W&B run ({tracking.RUN_FILE}): the evaluation is logged as a "
-                         f"new W&B run, its files in {out_dir / 'wandb'}")
-        only_wandb = dataclasses.replace(cfg.log, wandb=True, trackers=("wandb",))  # whatever the run tracked with
-        tracker = tracking.Tracker.start(accelerator, console, log=only_wandb,
-                                         run_name=cfg.run.name, run_dir=path.parent if in_run else out_dir,
-                                         config=None, resumed=in_run)
-        tracker.log_evaluation(results, drawn if accelerator.is_main_process else {}, per_image["mu"],
-                               per_image["labels"])
+    if wandb:  # its end_training waits for every process, then ends the process group
+        _log_to_wandb(accelerator, console, cfg, path, out_dir, results, drawn, per_image)
+    else:
         accelerator.wait_for_everyone()
-        tracker.end_training()
-        return results
-    accelerator.wait_for_everyone()
     return results
+
+
+def _model_record(cfg, data, image_shape) -> dict:
+    """What metrics.json says of the model and its data."""
+    return {"arch": cfg.model.arch, "z_dim": cfg.model.z_dim, "hidden": list(cfg.model.hidden),
+            **({"channels": list(cfg.model.channels)} if cfg.model.arch == "conv" else {}),
+            "activation": cfg.model.activation, "image_shape": list(image_shape),
+            "data": data.name, "binarize": data.binarize, "run": cfg.run.name}
+
+
+def _show(console: RunConsole, path: Path, results: dict, z_dim: int) -> None:
+    weights = " of the EMA weights" if results["weights"] == "ema" else ""
+    console.summary_table(f"{path} (epoch {results['checkpoint_epoch']}{weights}), {results['n_images']} test "
+                          f"images, nats per image", {
+                              "-ELBO (nelbo)": results["nelbo"], "recon": results["recon"], "kl": results["kl"],
+                              f"IWAE NLL (k={results['iwae_k']})": results["iwae_nll"],
+                              **({"bits/dim (dequantized)": results["bits_per_dim"]}
+                                 if "bits_per_dim" in results else {}),
+                              "active units": f"{results['active_units']} / {z_dim}",
+                              **({f"FCD ({results['fcd_samples']:,} samples)": results["fcd"]}
+                                 if "fcd" in results else {}),
+                              "wall time (s)": results["wall_time_s"]})
+
+
+def _log_to_wandb(accelerator, console, cfg, path: Path, out_dir: Path, results: dict, drawn: dict,
+                  per_image: dict) -> None:
+    """Into the run directory's W&B run (its id is in <run dir>/wandb_run.json), after its last step. A file
+    outside a run directory gets a W&B run of its own, with its files in the evaluation's folder."""
+    in_run = tracking.read_run_file(path.parent) is not None
+    if not in_run:
+        console.info(f"{path.parent} records no W&B run ({tracking.RUN_FILE}): the evaluation is logged as a "
+                     f"new W&B run, its files in {out_dir / 'wandb'}")
+    only_wandb = dataclasses.replace(cfg.log, wandb=True, trackers=("wandb",))  # whatever the run tracked with
+    tracker = tracking.Tracker.start(accelerator, console, log=only_wandb, run_name=cfg.run.name,
+                                     run_dir=path.parent if in_run else out_dir, config=None, resumed=in_run)
+    tracker.log_evaluation(results, drawn, per_image["mu"], per_image["labels"])
+    accelerator.wait_for_everyone()
+    tracker.end_training()
 
 
 def likelihood_protocol(data, all_test_images: int, metrics: dict, iwae_k: int, seed: int) -> dict:
