@@ -18,6 +18,19 @@ DATA_ROOT = Path(os.environ.get("VAE_TEST_DATA", REPO / "data"))
 ACCELERATE_LAUNCH = [str(VENV_BIN / "accelerate"), "launch", "--main_process_port", "0"]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """A module of small models on one torch thread (pytestmark = pytest.mark.usefixtures("one_torch_thread")): on
+    a busy 2-core machine two threads wait for each other at every operator, several times slower than one, and
+    what these tests compare does not depend on the thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
     """The repository's data/ folder with verified MNIST (fetched once if missing, as `make data` does)."""

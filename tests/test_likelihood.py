@@ -15,13 +15,7 @@ from vae.storage.checkpoint import save_model_file
 MNIST = (1, 28, 28)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models on one thread: two threads on a busy 2-core machine wait for each other at every operator."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

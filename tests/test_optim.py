@@ -53,14 +53,7 @@ def _assert_same(flat_model, flat_adam, torch_model, torch_adam, rtol=1e-6) -> N
         assert float(flat_adam.state[a]["step"]) == float(torch_adam.state[b]["step"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A small model's steps on one thread: two threads on a busy 2-core machine wait for each other at every
-    operator (ten times slower here), and the comparisons do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

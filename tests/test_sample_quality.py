@@ -25,14 +25,7 @@ from .conftest import python
 MNIST_SHAPE = (1, 28, 28)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Everything here on one thread, as the classifier trains: on a busy 2-core machine two threads waiting for
-    each other at every operator are several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
