@@ -8,10 +8,12 @@ Stage i trains at 1e-3 * 10^(-i/7) for 3^i epochs (Burda et al. 2015, section 5)
 (3^(i+1) - 1) / 2, i.e. 1, 4, 13, 40, 121, 364, 1093, 3280. For each stage asked for, this runs
 `train.py --config configs/paper/iwae_vae.yaml train.epochs=<its last epoch>` on one run directory (a resume
 of the previous stage's, exact as every resume is), keeps that stage's model file as stages/stage_<i>.pt, then
-`evaluate.py --iwae-k K` on it (the test NLL in nats on the binarized test set) into stages/stage_<i>.json. A
-stage whose files exist is not run again: a run stopped anywhere (Ctrl-C, a time limit) goes on from where it
-was with the same command. Prints one row per stage beside the paper's final 86.76 nats (Table 1, VAE, k=1,
-one stochastic layer), and writes them with --json.
+`evaluate.py --iwae-k K` on it (the test NLL in nats on the binarized test set) into
+stages/stage_<i>_k<K>_<N or all>.json. A stage whose files exist is not run again: a run stopped anywhere (Ctrl-C,
+a time limit) goes on from where it was with the same command. A kept model file is written whole or not at all,
+must hold the stage's last epoch (else: one error line), and replaces the stage's earlier scores. Prints one row
+per stage beside the paper's final 86.76 nats (Table 1, VAE, k=1, one stochastic layer), and writes them with
+--json.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from rich.console import Console
 from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from vae.storage.checkpoint import load_model_file  # noqa: E402  (the repository on the path)
+
 CONFIG = REPO / "configs" / "paper" / "iwae_vae.yaml"
 PAPER_NLL = 86.76  # Burda et al. 2015, Table 1: VAE, one stochastic layer, k = 1 in training, NLL at k = 5,000
 LAST_STAGE = 7
@@ -60,15 +66,23 @@ def run(command: list[str]) -> float:
 
 def train_stage(stage: int, run_dir: Path, overrides: list[str]) -> dict:
     """Trains through the stage's last epoch (resuming the run directory) and keeps its model file."""
-    kept = run_dir / "stages" / f"stage_{stage}.pt"
-    timing = run_dir / "stages" / f"stage_{stage}_train.json"
+    stages = run_dir / "stages"
+    kept, timing = stages / f"stage_{stage}.pt", stages / f"stage_{stage}_train.json"
     if not kept.exists():
         wall = run([sys.executable, "train.py", "--config", str(CONFIG), f"train.epochs={last_epoch(stage)}",
                     f"run.dir={run_dir}", *overrides])
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / "last.pt", kept)
+        epoch = load_model_file(run_dir / "last.pt").get("epoch")
+        if epoch != last_epoch(stage):
+            sys.exit(f"error: {run_dir / 'last.pt'} holds epoch {epoch}, not stage {stage}'s last epoch "
+                     f"{last_epoch(stage)} (stopped early, or the run directory is past this stage): use a new "
+                     f"--run-dir for earlier stages")
+        stages.mkdir(parents=True, exist_ok=True)
+        for stale in stages.glob(f"stage_{stage}_k*.json"):  # scores of an earlier model file of this stage
+            stale.unlink()
         timing.write_text(json.dumps({"train_wall_s": wall}))
-    return json.loads(timing.read_text())
+        shutil.copyfile(run_dir / "last.pt", kept.with_suffix(".pt.tmp"))
+        os.replace(kept.with_suffix(".pt.tmp"), kept)  # whole or not at all: a stop here trains the stage again
+    return json.loads(timing.read_text()) if timing.exists() else {"train_wall_s": None}
 
 
 def score_stage(stage: int, run_dir: Path, iwae_k: int, test_images: int | None) -> dict:
@@ -94,6 +108,9 @@ def main() -> None:
     for stage in args.stages:
         trained = train_stage(stage, args.run_dir, args.overrides)
         scores = score_stage(stage, args.run_dir, args.iwae_k, args.test_images)
+        if scores.get("checkpoint_epoch") != last_epoch(stage):
+            sys.exit(f"error: the scores of stage {stage} are of epoch {scores.get('checkpoint_epoch')}, not "
+                     f"{last_epoch(stage)}: delete {args.run_dir / 'stages'}/stage_{stage}_k*.json and run again")
         rows.append({"stage": stage, "epochs": last_epoch(stage), "lr": 1e-3 * 10 ** (-stage / 7), **trained,
                      "nelbo": scores["nelbo"], "iwae_nll": scores["iwae_nll"], "iwae_k": scores["iwae_k"],
                      "test_images": scores["n_images"], "eval_wall_s": scores["wall_time_s"]})
@@ -112,7 +129,8 @@ def show(rows: list[dict], iwae_k: int) -> None:
                    "paper, final"):
         table.add_column(column, justify="right")
     for row in rows:
-        table.add_row(str(row["stage"]), str(row["epochs"]), f"{row['lr']:.3g}", f"{row['train_wall_s']:.0f}",
+        trained = "?" if row["train_wall_s"] is None else f"{row['train_wall_s']:.0f}"
+        table.add_row(str(row["stage"]), str(row["epochs"]), f"{row['lr']:.3g}", trained,
                       f"{row['nelbo']:.2f}", f"{row['iwae_nll']:.2f}", str(row["test_images"]), f"{PAPER_NLL}")
     Console(width=max(110, shutil.get_terminal_size().columns)).print(table)
 
